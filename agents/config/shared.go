@@ -1,0 +1,115 @@
+package config
+
+import (
+	"crypto/x509"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+)
+
+// Base holds the variables every agent reads. Agents include it as a named
+// field (not embedded) so its Validate is not promoted onto theirs.
+type Base struct {
+	PodName      string `env:"POD_NAME" help:"Name of this Pod (downward API: metadata.name). Used in records, leases and snapshots."`
+	PodNamespace string `env:"POD_NAMESPACE" help:"Namespace of this Pod (downward API: metadata.namespace)."`
+	LogLevel     string `env:"LOG_LEVEL" envDefault:"info" enum:"debug|info|warn|error" help:"Minimum level of the agent's own log."`
+	LogFormat    string `env:"LOG_FORMAT" envDefault:"json" enum:"json|text" help:"Format of the agent's own log on stderr."`
+}
+
+// Store holds the variables that select and reach the object store.
+type Store struct {
+	URL         string `env:"STORE_URL,required" help:"Where snapshots and data live: s3://BUCKET/PREFIX or file:///ABS/PATH."`
+	S3Endpoint  string `env:"S3_ENDPOINT" help:"S3 endpoint URL for non-AWS servers (MinIO, versitygw, Ceph...). Empty = AWS."`
+	S3Region    string `env:"S3_REGION" envDefault:"us-east-1" help:"S3 region."`
+	S3PathStyle *bool  `env:"S3_PATH_STYLE" defaultHelp:"true if S3_ENDPOINT is set" help:"Path-style addressing (http://host/bucket/key)."`
+	S3CAFile    string `env:"S3_CA_FILE" help:"PEM file with extra CA certificates trusted for the S3 endpoint."`
+	S3SSE       string `env:"S3_SSE" enum:"|AES256|aws:kms" help:"Server-side encryption for objects written."`
+	S3KMSKeyID  string `env:"S3_SSE_KMS_KEY_ID" help:"KMS key id for S3_SSE=aws:kms (empty = the bucket's default key)."`
+
+	// Filled by Validate from URL.
+	Scheme string `json:"-"`
+	Bucket string `json:"-"`
+	Prefix string `json:"-"` // no leading or trailing slash; "" = bucket root
+	Path   string `json:"-"` // file:// root
+}
+
+// PathStyle resolves S3_PATH_STYLE's computed default.
+func (s *Store) PathStyle() bool {
+	if s.S3PathStyle != nil {
+		return *s.S3PathStyle
+	}
+	return s.S3Endpoint != ""
+}
+
+// bucketRe follows the S3 bucket naming rules (3-63 chars, lowercase, digits, dots, hyphens).
+var bucketRe = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$`)
+
+func (s *Store) Validate(env Env, errs *Error) {
+	if s.URL != "" && !errs.Has("STORE_URL") {
+		s.parseURL(errs)
+	}
+	if s.S3Endpoint != "" {
+		u, err := url.Parse(s.S3Endpoint)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs.Add("S3_ENDPOINT", s.S3Endpoint, "must be an http:// or https:// URL with a host, e.g. http://minio:9000")
+		}
+	}
+	if s.S3CAFile != "" {
+		pem, err := os.ReadFile(s.S3CAFile)
+		switch {
+		case err != nil:
+			errs.Add("S3_CA_FILE", s.S3CAFile, "cannot be read: %v", err)
+		case !x509.NewCertPool().AppendCertsFromPEM(pem):
+			errs.Add("S3_CA_FILE", s.S3CAFile, "holds no PEM certificate")
+		}
+	}
+	if s.S3KMSKeyID != "" && s.S3SSE != "aws:kms" {
+		errs.Add("S3_SSE_KMS_KEY_ID", s.S3KMSKeyID, "is only used with S3_SSE=aws:kms (S3_SSE is %q)", s.S3SSE)
+	}
+	if s.S3Region == "" {
+		errs.Add("S3_REGION", "", "must not be empty")
+	}
+}
+
+func (s *Store) parseURL(errs *Error) {
+	u, err := url.Parse(s.URL)
+	if err != nil {
+		errs.Add("STORE_URL", s.URL, "is not a URL (%v); use s3://BUCKET/PREFIX or file:///ABS/PATH", err)
+		return
+	}
+	s.Scheme = u.Scheme
+	switch u.Scheme {
+	case "s3":
+		if !bucketRe.MatchString(u.Host) || strings.Contains(u.Host, "..") {
+			errs.Add("STORE_URL", s.URL, "bucket %q is not a valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)", u.Host)
+			return
+		}
+		if u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+			errs.Add("STORE_URL", s.URL, "must not carry credentials, a query or a fragment; use s3://BUCKET/PREFIX")
+			return
+		}
+		s.Bucket = u.Host
+		p := strings.Trim(u.Path, "/")
+		for _, el := range strings.Split(p, "/") {
+			if p != "" && (el == "" || el == "." || el == "..") {
+				errs.Add("STORE_URL", s.URL, "prefix %q must not contain empty, '.' or '..' elements", p)
+				return
+			}
+		}
+		s.Prefix = p
+	case "file":
+		if u.Host != "" && u.Host != "localhost" {
+			errs.Add("STORE_URL", s.URL, "file URLs must be file:///ABS/PATH (three slashes), not a host %q", u.Host)
+			return
+		}
+		if !filepath.IsAbs(u.Path) || filepath.Clean(u.Path) == "/" {
+			errs.Add("STORE_URL", s.URL, "file URLs need an absolute path other than /, e.g. file:///var/lib/podkeeper")
+			return
+		}
+		s.Path = filepath.Clean(u.Path)
+	default:
+		errs.Add("STORE_URL", s.URL, "scheme must be s3:// or file://")
+	}
+}

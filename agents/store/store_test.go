@@ -1,0 +1,79 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/podkeeper/podkeeper/agents/store"
+	"github.com/podkeeper/podkeeper/agents/store/storetest"
+	"github.com/podkeeper/podkeeper/test/peers"
+)
+
+// TestConformance runs one suite against every backend; the subtest names
+// (file, versitygw, minio) say which backend passed.
+func TestConformance(t *testing.T) {
+	t.Run("file", func(t *testing.T) {
+		t.Parallel()
+		storetest.Run(t, func(t *testing.T) store.Store {
+			s, err := store.NewFile(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s
+		}, 0)
+	})
+	for _, kind := range peers.S3Kinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			srv := peers.StartS3(t, kind)
+			var n atomic.Int64
+			storetest.Run(t, func(t *testing.T) store.Store {
+				prefix := fmt.Sprintf("conformance/%d-%s", n.Add(1), strings.ReplaceAll(t.Name(), "/", "_"))
+				s, err := store.NewS3(context.Background(), srv.StoreConfig(t, prefix), store.S3Options{MultipartThreshold: 5 << 20, PartSize: 5 << 20})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return s
+			}, 5<<20)
+		})
+	}
+}
+
+// TestS3OutageIsRetryable: a server that is down yields retryable errors (the
+// agents' backoff loops rely on it), and the same store works once it is back.
+func TestS3OutageIsRetryable(t *testing.T) {
+	srv := peers.StartS3(t, "versitygw")
+	ctx := context.Background()
+	s, err := store.NewS3(ctx, srv.StoreConfig(t, "outage"), store.S3Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Put(ctx, "k", strings.NewReader("v"), 1, store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop()
+	_, err = s.Head(ctx, "k")
+	if err == nil || !store.IsRetryable(err) {
+		t.Fatalf("head during outage: retryable=%v err=%v", store.IsRetryable(err), err)
+	}
+	if _, err := s.Put(ctx, "k2", strings.NewReader("v"), 1, store.PutOptions{}); !store.IsRetryable(err) {
+		t.Fatalf("put during outage: %v", err)
+	}
+	srv.Restart(t)
+	if _, err := s.Head(ctx, "k"); err != nil {
+		t.Fatalf("after restart: %v", err)
+	}
+	// A permanent error is not retryable: wrong credentials.
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-key")
+	bad, err := store.NewS3(ctx, srv.StoreConfig(t, "outage"), store.S3Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bad.Head(ctx, "k"); err == nil || store.IsRetryable(err) || errors.Is(err, store.ErrNotExist) {
+		t.Fatalf("bad credentials: retryable=%v err=%v", store.IsRetryable(err), err)
+	}
+}
