@@ -1,0 +1,59 @@
+# podkeeper — see README.md. Everything the tests need is installed by `make peers`.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/podkeeper/podkeeper/agents/lifecycle.Version=$(VERSION)
+export CGO_ENABLED := 0
+export GOFLAGS := -buildvcs=false
+AGENTS := $(notdir $(patsubst %/,%,$(dir $(wildcard cmd/*/main.go))))
+TEST_TIMEOUT ?= 20m
+FUZZTIME ?= 20s
+
+.PHONY: all build test unit lint peers peers-all sizes fuzz bench demo e2e docs clean
+
+all: build
+
+build: ## the agents that exist, into bin/
+	@mkdir -p bin
+	@for a in $(AGENTS); do \
+		$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/$$a ./cmd/$$a || exit 1; \
+		echo "built bin/$$a"; \
+	done
+
+peers: ## install the real test peers (versitygw, MinIO, OTel fluent_forward receiver, FluentServer)
+	test/peers/install.sh test
+
+peers-all: ## peers plus rclone (benchmarks)
+	test/peers/install.sh all
+
+test: peers lint ## unit + integration tests on the real peers (the README's test command)
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) --no-print-directory fuzz
+
+unit: ## only what needs no peer (fast inner loop)
+	$(GO) test -count=1 -short ./...
+
+fuzz: ## the snapshot decoder fuzz target, for a short fixed time
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./agents/snapshot/
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
+		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+sizes: build ## stripped size of each binary
+	@for a in $(AGENTS); do \
+		stat -c %s bin/$$a | awk -v a=$$a '{ printf "%-12s %6.2f MiB  (%d bytes)\n", a, $$1/1048576, $$1 }'; \
+	done
+
+bench: peers-all build ## benchmarks against rclone, the raw SDK, fluent-logger-golang (minutes)
+	$(GO) test -count=1 -tags bench -run '^TestBench' -v -timeout 90m ./bench/...
+
+demo: build ## syncer -> wipe -> restore round trip on a file:// store (no server needed)
+	test/demo.sh
+
+docs: ## rewrite README's configuration tables from the config structs
+	$(GO) run ./test/docs/gen README.md
+
+clean:
+	rm -rf bin

@@ -1,0 +1,413 @@
+// Package snapshot is the manifest format shared by the syncer (writes) and
+// restore (reads), format podkeeper.snapshot.v1:
+//
+//	PREFIX/snapshots/ID.json or ID.json.gz   the manifest (readers accept both)
+//	PREFIX/data/PATH                         file bytes, user metadata sha256, mtime, mode
+//
+// ID is the UTC creation time as 20060102T150405.000000000Z, optionally followed
+// by "-" and a short suffix, so ids sort by time as strings.
+//
+// Decoding is strict: a manifest comes from a bucket that other parties may be
+// able to write, and restore turns its paths into files on disk.
+package snapshot
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// Format is the only format this version reads and writes.
+const Format = "podkeeper.snapshot.v1"
+
+// Layout of a prefix, and the user metadata keys of data objects.
+const (
+	SnapshotsDir = "snapshots/"
+	DataDir      = "data/"
+	MetaSHA256   = "sha256"
+	MetaMTime    = "mtime"
+	MetaMode     = "mode"
+)
+
+// Limits applied while decoding.
+const (
+	MaxPathBytes = 4096
+	MaxFileSize  = 5 << 40 // 5 TiB, the largest object S3 stores
+	idLayout     = "20060102T150405.000000000Z"
+)
+
+// MaxManifestBytes caps a manifest after decompression, so a gzip bomb stops
+// here (about 2 million files fit).
+var MaxManifestBytes int64 = 512 << 20
+
+// Manifest is one snapshot.
+type Manifest struct {
+	Format  string    `json:"format"`
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	Writer  Writer    `json:"writer"`
+	Files   []File    `json:"files"`
+}
+
+// Writer says who wrote a snapshot.
+type Writer struct {
+	Pod       string `json:"pod"`
+	Namespace string `json:"namespace"`
+	Host      string `json:"host"`
+}
+
+// File is one file of a snapshot.
+type File struct {
+	Path      string    `json:"path"`
+	Size      int64     `json:"size"`
+	SHA256    string    `json:"sha256"`
+	MTime     time.Time `json:"mtime"`
+	Mode      Mode      `json:"mode"`
+	ETag      string    `json:"etag,omitempty"`
+	VersionID string    `json:"version_id,omitempty"`
+}
+
+// Mode is a file's permission bits, written as an octal string ("0644").
+type Mode uint32
+
+func (m Mode) String() string { return fmt.Sprintf("%04o", uint32(m)) }
+
+func (m Mode) MarshalJSON() ([]byte, error) { return json.Marshal(m.String()) }
+
+func (m *Mode) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("mode must be an octal string like \"0644\"")
+	}
+	v, err := ParseMode(s)
+	if err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// ParseMode parses "644" or "0644": permission bits only; setuid, setgid and
+// sticky are refused, since restore would otherwise hand them to whatever the
+// bucket holds.
+func ParseMode(s string) (Mode, error) {
+	if len(s) < 3 || len(s) > 4 || strings.Trim(s, "01234567") != "" {
+		return 0, fmt.Errorf("mode %q must be 3 or 4 octal digits", s)
+	}
+	v, _ := strconv.ParseUint(s, 8, 32)
+	if v&^0o777 != 0 {
+		return 0, fmt.Errorf("mode %q has setuid/setgid/sticky bits; only permission bits are allowed", s)
+	}
+	return Mode(v), nil
+}
+
+var (
+	idRe  = regexp.MustCompile(`^(\d{8}T\d{6}\.\d{9}Z)(-[A-Za-z0-9_.-]{1,64})?$`)
+	shaRe = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
+
+// NewID returns the id of a snapshot created at t, with an optional suffix
+// (letters, digits, '_', '.', '-') that keeps two writers apart.
+func NewID(t time.Time, suffix string) string {
+	id := t.UTC().Format(idLayout)
+	if suffix != "" {
+		id += "-" + suffix
+	}
+	return id
+}
+
+// ParseID returns the creation time an id encodes.
+func ParseID(id string) (time.Time, error) {
+	m := idRe.FindStringSubmatch(id)
+	if m == nil {
+		return time.Time{}, fmt.Errorf("snapshot id %q is not of the form %s[-suffix]", id, idLayout)
+	}
+	return time.Parse(idLayout, m[1])
+}
+
+// Key is the object key of a manifest.
+func Key(id string, gzipped bool) string {
+	if gzipped {
+		return SnapshotsDir + id + ".json.gz"
+	}
+	return SnapshotsDir + id + ".json"
+}
+
+// DataKey is the object key of a file's data.
+func DataKey(path string) string { return DataDir + path }
+
+// ValidPath checks a manifest path: relative, clean, '/'-separated, valid
+// UTF-8, no "..", ".", empty or NUL elements, at most MaxPathBytes.
+func ValidPath(p string) error {
+	switch {
+	case p == "":
+		return errors.New("empty path")
+	case len(p) > MaxPathBytes:
+		return fmt.Errorf("path longer than %d bytes", MaxPathBytes)
+	case !utf8.ValidString(p):
+		return errors.New("path is not valid UTF-8")
+	case strings.ContainsRune(p, 0):
+		return errors.New("path contains NUL")
+	case strings.ContainsRune(p, '\\'):
+		return errors.New("path contains a backslash")
+	case strings.HasPrefix(p, "/"):
+		return errors.New("path is absolute")
+	}
+	for el := range strings.SplitSeq(p, "/") {
+		switch el {
+		case "":
+			return errors.New("path has an empty element")
+		case ".", "..":
+			return fmt.Errorf("path has a %q element", el)
+		}
+	}
+	return nil
+}
+
+// Validate checks every rule of the format.
+func (m *Manifest) Validate() error {
+	if m.Format != Format {
+		return fmt.Errorf("unknown snapshot format %q (this version reads %q)", m.Format, Format)
+	}
+	if _, err := ParseID(m.ID); err != nil {
+		return err
+	}
+	if m.Created.IsZero() {
+		return errors.New("snapshot has no creation time")
+	}
+	seen := make(map[string]struct{}, len(m.Files))
+	for i, f := range m.Files {
+		if err := ValidPath(f.Path); err != nil {
+			return fmt.Errorf("file %d %q: %w", i, f.Path, err)
+		}
+		if _, dup := seen[f.Path]; dup {
+			return fmt.Errorf("file %d %q: listed twice", i, f.Path)
+		}
+		seen[f.Path] = struct{}{}
+		if f.Size < 0 || f.Size > MaxFileSize {
+			return fmt.Errorf("file %q: size %d outside 0..%d", f.Path, f.Size, int64(MaxFileSize))
+		}
+		if !shaRe.MatchString(f.SHA256) {
+			return fmt.Errorf("file %q: sha256 must be 64 lowercase hex digits", f.Path)
+		}
+		if f.MTime.IsZero() {
+			return fmt.Errorf("file %q: no mtime", f.Path)
+		}
+		if f.Mode&^0o777 != 0 {
+			return fmt.Errorf("file %q: mode %s has bits beyond permissions", f.Path, f.Mode)
+		}
+	}
+	// A path that is both a file and a directory of another file cannot be restored.
+	for _, f := range m.Files {
+		for i := strings.LastIndexByte(f.Path, '/'); i > 0; i = strings.LastIndexByte(f.Path[:i], '/') {
+			if _, clash := seen[f.Path[:i]]; clash {
+				return fmt.Errorf("file %q: %q is listed as a file and as its parent directory", f.Path, f.Path[:i])
+			}
+		}
+	}
+	return nil
+}
+
+// Decode reads a manifest (plain JSON or gzip, detected by magic bytes) and
+// validates it. Unknown fields, trailing data and oversize input are refused.
+func Decode(r io.Reader) (*Manifest, error) {
+	br := &peekReader{r: r}
+	magic, err := br.peek(2)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	var src io.Reader = br
+	if bytes.Equal(magic, []byte{0x1f, 0x8b}) {
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return nil, fmt.Errorf("snapshot: gzip: %w", err)
+		}
+		defer zr.Close()
+		src = zr
+	}
+	lr := &io.LimitedReader{R: src, N: MaxManifestBytes + 1}
+	dec := json.NewDecoder(lr)
+	dec.DisallowUnknownFields()
+	var m Manifest
+	if err := dec.Decode(&m); err != nil {
+		if lr.N <= 0 {
+			return nil, fmt.Errorf("snapshot: manifest larger than %d bytes", MaxManifestBytes)
+		}
+		return nil, fmt.Errorf("snapshot: not a valid manifest: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("snapshot: trailing data after the manifest")
+	}
+	if m.Files == nil {
+		return nil, errors.New(`snapshot: "files" is missing`)
+	}
+	if err := m.Validate(); err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", m.ID, err)
+	}
+	return &m, nil
+}
+
+// Encode validates m and writes it as JSON, gzip-compressed when gz is set.
+func Encode(w io.Writer, m *Manifest, gz bool) error {
+	if m.Files == nil {
+		m.Files = []File{}
+	}
+	if err := m.Validate(); err != nil {
+		return err
+	}
+	if !gz {
+		return json.NewEncoder(w).Encode(m)
+	}
+	zw := gzip.NewWriter(w)
+	if err := json.NewEncoder(zw).Encode(m); err != nil {
+		return err
+	}
+	return zw.Close()
+}
+
+type peekReader struct {
+	r   io.Reader
+	buf []byte
+}
+
+func (p *peekReader) peek(n int) ([]byte, error) {
+	for len(p.buf) < n {
+		b := make([]byte, n-len(p.buf))
+		k, err := p.r.Read(b)
+		p.buf = append(p.buf, b[:k]...)
+		if err == io.EOF {
+			if len(p.buf) == 0 {
+				return nil, errors.New("empty manifest")
+			}
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p.buf, nil
+}
+
+func (p *peekReader) Read(b []byte) (int, error) {
+	if len(p.buf) > 0 {
+		n := copy(b, p.buf)
+		p.buf = p.buf[n:]
+		return n, nil
+	}
+	return p.r.Read(b)
+}
+
+// Info is a snapshot found in a store listing.
+type Info struct {
+	ID      string
+	Key     string
+	Created time.Time
+	Size    int64 // of the manifest object
+}
+
+// List returns the snapshots of st, oldest first. Objects under snapshots/
+// whose names are not snapshot ids are ignored.
+func List(ctx context.Context, st store.Store) ([]Info, error) {
+	var out []Info
+	for o, err := range st.List(ctx, SnapshotsDir) {
+		if err != nil {
+			return nil, err
+		}
+		name := strings.TrimPrefix(o.Key, SnapshotsDir)
+		id, ok := strings.CutSuffix(name, ".json.gz")
+		if !ok {
+			if id, ok = strings.CutSuffix(name, ".json"); !ok {
+				continue
+			}
+		}
+		created, err := ParseID(id)
+		if err != nil {
+			continue
+		}
+		out = append(out, Info{ID: id, Key: o.Key, Created: created, Size: o.Size})
+	}
+	slices.SortFunc(out, func(a, b Info) int { return strings.Compare(a.ID, b.ID) })
+	return out, nil
+}
+
+// ErrNoSnapshot is returned when a prefix holds no (matching) snapshot.
+var ErrNoSnapshot = errors.New("no snapshot")
+
+// Resolve finds a snapshot by spec: "latest", an id, or an RFC 3339 time (the
+// newest snapshot created at or before it).
+func Resolve(ctx context.Context, st store.Store, spec string) (Info, error) {
+	all, err := List(ctx, st)
+	if err != nil {
+		return Info{}, err
+	}
+	switch {
+	case spec == "" || spec == "latest":
+		if len(all) == 0 {
+			return Info{}, ErrNoSnapshot
+		}
+		return all[len(all)-1], nil
+	case idRe.MatchString(spec):
+		for _, s := range all {
+			if s.ID == spec {
+				return s, nil
+			}
+		}
+		return Info{}, fmt.Errorf("%w with id %s", ErrNoSnapshot, spec)
+	}
+	at, err := time.Parse(time.RFC3339Nano, spec)
+	if err != nil {
+		return Info{}, fmt.Errorf("snapshot %q is neither \"latest\", an id nor an RFC 3339 time", spec)
+	}
+	for i := len(all) - 1; i >= 0; i-- {
+		if !all[i].Created.After(at) {
+			return all[i], nil
+		}
+	}
+	return Info{}, fmt.Errorf("%w created at or before %s", ErrNoSnapshot, at.UTC().Format(time.RFC3339))
+}
+
+// Load fetches and decodes one snapshot.
+func Load(ctx context.Context, st store.Store, info Info) (*Manifest, error) {
+	rc, _, err := st.Get(ctx, info.Key, store.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	m, err := Decode(rc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", info.Key, err)
+	}
+	if m.ID != info.ID {
+		return nil, fmt.Errorf("%s: manifest says id %s", info.Key, m.ID)
+	}
+	return m, nil
+}
+
+// Write encodes m (gzip) and stores it under its key. It returns the key.
+func Write(ctx context.Context, st store.Store, m *Manifest) (string, error) {
+	var buf bytes.Buffer
+	if err := Encode(&buf, m, true); err != nil {
+		return "", err
+	}
+	key := Key(m.ID, true)
+	_, err := st.Put(ctx, key, bytes.NewReader(buf.Bytes()), int64(buf.Len()), store.PutOptions{ContentType: "application/gzip", IfNoneMatch: true})
+	return key, err
+}
+
+// ValidateID reports whether id is a well-formed snapshot id.
+func ValidateID(id string) error {
+	_, err := ParseID(id)
+	return err
+}
