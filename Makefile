@@ -9,7 +9,7 @@ AGENTS := $(notdir $(patsubst %/,%,$(dir $(wildcard cmd/*/main.go))))
 TEST_TIMEOUT ?= 20m
 FUZZTIME ?= 20s
 
-.PHONY: all build test unit lint peers peers-all sizes fuzz bench demo e2e docs clean
+.PHONY: all build test unit lint peers peers-all sizes fuzz bench demo image k8s-check e2e docs clean
 
 all: build
 
@@ -51,6 +51,15 @@ bench: peers-all build ## benchmarks against rclone, the raw SDK, fluent-logger-
 
 demo: build ## syncer -> wipe -> restore round trip on a file:// store (no server needed)
 	test/demo.sh
+
+image: ## build Dockerfile.agents with buildah (all targets), see test/k8s/
+	test/k8s/image.sh
+
+k8s-check: ## render + server-side dry-run every overlay on a real kube-apiserver, RBAC and agents/kube tests
+	test/k8s/check.sh
+
+e2e: ## full Pod life cycle on a real kubelet (see test/cluster/)
+	test/e2e/run.sh
 
 docs: ## rewrite README's configuration tables from the config structs
 	$(GO) run ./test/docs/gen README.md

@@ -65,5 +65,7 @@ type StoppedError struct {
 	Cause error
 }
 
-func (e *StoppedError) Error() string { return "gave up retrying (" + e.Cause.Error() + "): " + e.Last.Error() }
+func (e *StoppedError) Error() string {
+	return "gave up retrying (" + e.Cause.Error() + "): " + e.Last.Error()
+}
 func (e *StoppedError) Unwrap() []error { return []error{e.Cause, e.Last} }

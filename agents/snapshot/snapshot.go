@@ -15,10 +15,13 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -410,4 +413,42 @@ func Write(ctx context.Context, st store.Store, m *Manifest) (string, error) {
 func ValidateID(id string) error {
 	_, err := ParseID(id)
 	return err
+}
+
+// HashFile returns the sha256 (lowercase hex) and size of the file at path.
+func HashFile(path string) (string, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", 0, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
+
+// Metadata is the user metadata of a data object for f.
+func (f File) Metadata() map[string]string {
+	return map[string]string{MetaSHA256: f.SHA256, MetaMTime: f.MTime.UTC().Format(time.RFC3339Nano), MetaMode: f.Mode.String()}
+}
+
+// FileFromMetadata rebuilds an entry from a data object's metadata (as written
+// by Metadata), checking it as strictly as a manifest.
+func FileFromMetadata(path string, size int64, meta map[string]string) (File, error) {
+	f := File{Path: path, Size: size, SHA256: meta[MetaSHA256]}
+	mt, err := time.Parse(time.RFC3339Nano, meta[MetaMTime])
+	if err != nil {
+		return File{}, fmt.Errorf("object %s: metadata mtime %q: %w", path, meta[MetaMTime], err)
+	}
+	f.MTime = mt
+	if f.Mode, err = ParseMode(meta[MetaMode]); err != nil {
+		return File{}, fmt.Errorf("object %s: %w", path, err)
+	}
+	if !shaRe.MatchString(f.SHA256) {
+		return File{}, fmt.Errorf("object %s: metadata sha256 %q is not 64 lowercase hex digits", path, f.SHA256)
+	}
+	return f, nil
 }
