@@ -16,6 +16,7 @@ type Base struct {
 	PodNamespace string `env:"POD_NAMESPACE" help:"Namespace of this Pod (downward API: metadata.namespace)."`
 	LogLevel     string `env:"LOG_LEVEL" envDefault:"info" enum:"debug|info|warn|error" help:"Minimum level of the agent's own log."`
 	LogFormat    string `env:"LOG_FORMAT" envDefault:"json" enum:"json|text" help:"Format of the agent's own log on stderr."`
+	KubeEvents   string `env:"KUBE_EVENTS" envDefault:"auto" enum:"auto|true|false" help:"Post Kubernetes Events on this Pod: auto = when running in a cluster, true = required (error at start if the API is unreachable or forbidden), false = never."`
 }
 
 // Store holds the variables that select and reach the object store.
