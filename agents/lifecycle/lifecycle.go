@@ -63,6 +63,9 @@ func (a Agent[C]) Main(cfg C, args []string, environ []string, stdout, stderr io
 		return ExitFailure
 	}
 	log := NewLogger(cfg.BaseConfig(), stderr).With("agent", a.Name)
+	// Libraries that print with the standard log package (the S3 transfer manager
+	// does) then reach the same structured log instead of raw stderr lines.
+	slog.SetDefault(log)
 	ctx, stop := SignalContext(context.Background(), log)
 	defer stop()
 	log.Info("starting", "version", Version)
