@@ -346,6 +346,11 @@ func ClassifyS3(op, key string, err error) error {
 	case status == http.StatusPreconditionFailed || code == "PreconditionFailed":
 		return &Error{Op: op, Key: key, Err: fmt.Errorf("%w (%v)", ErrPrecondition, err)}
 	}
+	if isTLSTrustError(err) {
+		// A certificate the client does not trust will not become trusted by
+		// waiting: fail loudly instead of retrying forever.
+		return &Error{Op: op, Key: key, Err: err}
+	}
 	retryable := status >= 500 || status == http.StatusTooManyRequests || status == http.StatusRequestTimeout ||
 		// 409 on a conditional write: a concurrent write to the same key is in flight.
 		code == "ConditionalRequestConflict" ||
@@ -358,4 +363,12 @@ func ClassifyS3(op, key string, err error) error {
 			errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
 	}
 	return &Error{Op: op, Key: key, Err: err, Retryable: retryable}
+}
+
+func isTLSTrustError(err error) bool {
+	var ve *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	var he x509.HostnameError
+	var ci x509.CertificateInvalidError
+	return errors.As(err, &ve) || errors.As(err, &ua) || errors.As(err, &he) || errors.As(err, &ci)
 }

@@ -77,3 +77,33 @@ func TestS3OutageIsRetryable(t *testing.T) {
 		t.Fatalf("bad credentials: retryable=%v err=%v", store.IsRetryable(err), err)
 	}
 }
+
+// TestS3CustomCA: S3_CA_FILE makes an HTTPS endpoint signed by a private CA
+// trusted, and without it the same endpoint is refused (a permanent error).
+func TestS3CustomCA(t *testing.T) {
+	srv, _ := peers.StartS3TLS(t)
+	ctx := context.Background()
+	cfg := srv.StoreConfig(t, "tls")
+	if cfg.S3CAFile == "" || !strings.HasPrefix(cfg.S3Endpoint, "https://") {
+		t.Fatalf("TLS peer config: %+v", cfg)
+	}
+	s, err := store.NewS3(ctx, cfg, store.S3Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Put(ctx, "k", strings.NewReader("v"), 1, store.PutOptions{}); err != nil {
+		t.Fatalf("put over TLS with S3_CA_FILE: %v", err)
+	}
+	cfg.S3CAFile = ""
+	untrusting, err := store.NewS3(ctx, cfg, store.S3Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = untrusting.Head(ctx, "k")
+	if err == nil {
+		t.Fatal("an unknown CA was trusted without S3_CA_FILE")
+	}
+	if store.IsRetryable(err) {
+		t.Fatalf("a certificate error must be permanent, not retried forever: %v", err)
+	}
+}

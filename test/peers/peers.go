@@ -8,6 +8,8 @@ package peers
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -182,11 +184,24 @@ type S3Server struct {
 	Port     int
 	DataDir  string
 	ready    func() error
+	certs    *CertFiles
 }
 
 // StartS3 starts the named S3 peer ("versitygw" or "minio") with an empty bucket.
 func StartS3(t testing.TB, kind string) *S3Server {
 	t.Helper()
+	return startS3(t, kind, nil)
+}
+
+// StartS3TLS starts versitygw over HTTPS with a certificate from a throwaway CA;
+// the CA file is in CA (for S3_CA_FILE).
+func StartS3TLS(t testing.TB) (*S3Server, CertFiles) {
+	t.Helper()
+	certs := NewCerts(t)
+	return startS3(t, "versitygw", &certs), certs
+}
+
+func startS3(t testing.TB, kind string, certs *CertFiles) *S3Server {
 	exportCredentials()
 	bin := Bin(t, kind)
 	dir := t.TempDir()
@@ -196,11 +211,19 @@ func StartS3(t testing.TB, kind string) *S3Server {
 	}
 	port := FreePort(t)
 	addr := "127.0.0.1:" + strconv.Itoa(port)
-	s := &S3Server{Kind: kind, Endpoint: "http://" + addr, Port: port, DataDir: data}
+	scheme := "http://"
+	if certs != nil {
+		scheme = "https://"
+	}
+	s := &S3Server{Kind: kind, Endpoint: scheme + addr, Port: port, DataDir: data, certs: certs}
 	s.Process = &Process{Name: kind, Dir: dir, Log: filepath.Join(dir, kind+".log"), t: t}
 	switch kind {
 	case "versitygw":
-		s.Args = []string{bin, "--port", addr, "--access", AccessKey, "--secret", SecretKey, "--quiet", "posix", data}
+		s.Args = []string{bin, "--port", addr, "--access", AccessKey, "--secret", SecretKey, "--quiet"}
+		if certs != nil {
+			s.Args = append(s.Args, "--cert", certs.Cert, "--key", certs.Key)
+		}
+		s.Args = append(s.Args, "posix", data)
 		s.ready = func() error {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
 			if err == nil {
@@ -259,14 +282,21 @@ func (s *S3Server) Restart(t testing.TB) {
 
 // Client returns a raw SDK client for assertions (not the code under test).
 func (s *S3Server) Client() *s3.Client {
-	return s3.New(s3.Options{
+	o := s3.Options{
 		Region:                     "us-east-1",
 		BaseEndpoint:               aws.String(s.Endpoint),
 		UsePathStyle:               true,
 		Credentials:                credentials.NewStaticCredentialsProvider(AccessKey, SecretKey, ""),
 		RequestChecksumCalculation: aws.RequestChecksumCalculationWhenRequired,
 		ResponseChecksumValidation: aws.ResponseChecksumValidationWhenRequired,
-	})
+	}
+	if s.certs != nil {
+		pem, _ := os.ReadFile(s.certs.CA)
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		o.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	}
+	return s3.New(o)
 }
 
 // StoreURL is s3://Bucket/prefix.
@@ -274,8 +304,12 @@ func (s *S3Server) StoreURL(prefix string) string { return "s3://" + Bucket + "/
 
 // Env is the environment an agent needs to reach this server under prefix.
 func (s *S3Server) AgentEnv(prefix string) []string {
-	return []string{"STORE_URL=" + s.StoreURL(prefix), "S3_ENDPOINT=" + s.Endpoint, "AWS_ACCESS_KEY_ID=" + AccessKey,
+	env := []string{"STORE_URL=" + s.StoreURL(prefix), "S3_ENDPOINT=" + s.Endpoint, "AWS_ACCESS_KEY_ID=" + AccessKey,
 		"AWS_SECRET_ACCESS_KEY=" + SecretKey, "AWS_EC2_METADATA_DISABLED=true", "S3_REGION=us-east-1"}
+	if s.certs != nil {
+		env = append(env, "S3_CA_FILE="+s.certs.CA)
+	}
+	return env
 }
 
 // StoreConfig is a validated store configuration for prefix on this server.
