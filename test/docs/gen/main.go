@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/restore"
 	"github.com/podkeeper/podkeeper/test/docs"
 )
 
@@ -15,6 +16,7 @@ var tables = []docs.Table{
 		Base  config.Base
 		Store config.Store
 	}{}},
+	{Name: "restore", Config: &restore.Config{}},
 }
 
 func main() {

@@ -1,0 +1,358 @@
+package restore
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// ChangedError says a data object no longer holds what the snapshot recorded.
+type ChangedError struct {
+	Path      string
+	Key       string
+	Want      string // sha256 or size the snapshot recorded
+	Got       string
+	VersionID string
+}
+
+func (e *ChangedError) Error() string {
+	msg := fmt.Sprintf("file %q: object %s does not match the snapshot (snapshot says %s, downloaded %s): the object changed after the snapshot was taken", e.Path, e.Key, e.Want, e.Got)
+	if e.VersionID != "" {
+		return msg + fmt.Sprintf("; the snapshot's version %s was fetched, so that stored version itself is damaged", e.VersionID)
+	}
+	return msg + "; the snapshot records no version_id, so only the current object could be fetched (bucket versioning lets older snapshots restore exactly)"
+}
+
+// readError marks a failure while reading a response body: the network, not
+// the disk, so it is worth retrying.
+func retryableRead(op, key string, err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	return &store.Error{Op: op, Key: key, Err: err, Retryable: true}
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
+func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) error {
+	r.prog.totalFiles, r.prog.totalBytes = int64(len(p.fetch)), p.fetchBytes
+	if len(p.fetch) == 0 {
+		return nil
+	}
+	stop := r.logProgress(ctx, time.Now())
+	defer stop()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	var small, large []snapshot.File
+	for _, f := range p.fetch {
+		if f.Size >= r.o.RangeThreshold {
+			large = append(large, f)
+		} else {
+			small = append(small, f)
+		}
+	}
+	// Small files: one GET each, Concurrency at a time.
+	work := make(chan snapshot.File)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var firstErr error
+	fail := func(err error) {
+		once.Do(func() { firstErr = err; cancel(err) })
+	}
+	for range min(r.cfg.Concurrency, len(small)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for f := range work {
+				if err := r.fetchFile(ctx, t, tmp, f); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
+feed:
+	for _, f := range small {
+		select {
+		case work <- f:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	// Large files one after another, each with Concurrency ranged GETs.
+	for _, f := range large {
+		if firstErr != nil {
+			break
+		}
+		if err := r.fetchFile(ctx, t, tmp, f); err != nil {
+			fail(err)
+		}
+	}
+	if firstErr != nil {
+		return firstErr
+	}
+	return ctx.Err()
+}
+
+// fetchFile downloads f into a temp file, verifies it, gives it its mode and
+// mtime and renames it into place. A sha256 mismatch is retried once.
+func (r *Restorer) fetchFile(ctx context.Context, t *tree, tmp int, f snapshot.File) error {
+	var err error
+	for attempt := range 2 {
+		err = r.fetchOnce(ctx, t, tmp, f)
+		var ce *ChangedError
+		if !errors.As(err, &ce) {
+			return err
+		}
+		if attempt == 0 {
+			r.log.Warn("downloaded data does not match the snapshot, retrying once", "path", f.Path, "err", err)
+		}
+	}
+	return err
+}
+
+func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.File) error {
+	name := tmpName()
+	fd, err := unix.Openat(tmp, name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create temp file for %q: %w", f.Path, err)
+	}
+	file := os.NewFile(uintptr(fd), name)
+	placed := false
+	defer func() {
+		if !placed {
+			file.Close()
+			unix.Unlinkat(tmp, name, 0)
+		}
+	}()
+	var sum string
+	if f.Size >= r.o.RangeThreshold {
+		sum, err = r.downloadRanges(ctx, file, f)
+	} else {
+		sum, err = r.downloadWhole(ctx, file, f)
+	}
+	if err != nil {
+		return err
+	}
+	if r.cfg.Verify && sum != f.SHA256 {
+		return &ChangedError{Path: f.Path, Key: snapshot.DataKey(f.Path), Want: "sha256 " + f.SHA256, Got: "sha256 " + sum, VersionID: f.VersionID}
+	}
+	if err := file.Chmod(os.FileMode(f.Mode)); err != nil {
+		return fmt.Errorf("chmod temp file of %q: %w", f.Path, err)
+	}
+	ts := []unix.Timespec{unix.NsecToTimespec(f.MTime.UnixNano()), unix.NsecToTimespec(f.MTime.UnixNano())}
+	if err := unix.UtimesNanoAt(tmp, name, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set mtime of %q: %w", f.Path, err)
+	}
+	if r.o.Durability == FsyncEach {
+		if err := file.Sync(); err != nil {
+			return fmt.Errorf("fsync %q: %w", f.Path, err)
+		}
+	}
+	if err := file.Close(); err != nil {
+		return fmt.Errorf("close temp file of %q: %w", f.Path, err)
+	}
+	placed = true
+	if err := t.place(tmp, name, f.Path); err != nil {
+		unix.Unlinkat(tmp, name, 0)
+		return err
+	}
+	r.prog.files.Add(1)
+	return nil
+}
+
+func tmpName() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:]) + tmpSuffix
+}
+
+// get opens the object of f (the snapshot's version when it has one), retrying
+// transient failures until ctx ends: an outage delays the restore, it does not
+// fail it.
+func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptions, body func(io.Reader, store.ObjectInfo) error) error {
+	key := snapshot.DataKey(f.Path)
+	opts.VersionID = f.VersionID
+	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
+		r.log.Warn("download failed, retrying", "path", f.Path, "attempt", attempt+1, "wait", wait.Round(time.Millisecond), "err", err)
+	}, func(ctx context.Context) error {
+		rc, info, err := r.st.Get(ctx, key, opts)
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		if info.Size != f.Size {
+			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: fmt.Sprintf("size %d", info.Size), VersionID: f.VersionID}
+		}
+		return body(rc, info)
+	})
+}
+
+// downloadWhole streams the object into file, hashing on the way.
+func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.File) (string, error) {
+	var h hash.Hash
+	key := snapshot.DataKey(f.Path)
+	err := r.get(ctx, f, store.GetOptions{}, func(body io.Reader, _ store.ObjectInfo) error {
+		if _, err := file.Seek(0, io.SeekStart); err != nil {
+			return err
+		}
+		if err := file.Truncate(0); err != nil {
+			return err
+		}
+		h = sha256.New()
+		var w io.Writer = file
+		if r.cfg.Verify {
+			w = io.MultiWriter(file, h)
+		}
+		bp := bufPool.Get().(*[]byte)
+		defer bufPool.Put(bp)
+		n, err := copyCounted(w, io.LimitReader(body, f.Size+1), *bp, &r.prog)
+		if err != nil {
+			return err
+		}
+		if n > f.Size {
+			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: "more bytes", VersionID: f.VersionID}
+		}
+		if n < f.Size {
+			r.prog.bytes.Add(-n)
+			return retryableRead("get", key, fmt.Errorf("body ended after %d of %d bytes", n, f.Size))
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// copyCounted copies like io.CopyBuffer and adds progress as it goes. Read
+// errors are the network's (retryable), write errors the disk's (not).
+func copyCounted(dst io.Writer, src io.Reader, buf []byte, p *progress) (int64, error) {
+	var n int64
+	for {
+		k, rerr := src.Read(buf)
+		if k > 0 {
+			if _, werr := dst.Write(buf[:k]); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+			p.bytes.Add(int64(k))
+		}
+		if rerr == io.EOF {
+			return n, nil
+		}
+		if rerr != nil {
+			p.bytes.Add(-n)
+			return n, retryableRead("get", "", rerr)
+		}
+	}
+}
+
+// downloadRanges fetches a large object in PartSize ranges, Concurrency at a
+// time, written with WriteAt. The sha256 is computed in order while later
+// parts still download: a hasher goroutine reads each part back (from the page
+// cache) as soon as it and all before it are complete, so only the last parts
+// are hashed after the network is done.
+func (r *Restorer) downloadRanges(ctx context.Context, file *os.File, f snapshot.File) (string, error) {
+	if err := file.Truncate(f.Size); err != nil {
+		return "", fmt.Errorf("allocate temp file for %q: %w", f.Path, err)
+	}
+	ps := r.o.PartSize
+	nparts := int((f.Size + ps - 1) / ps)
+	done := make([]chan struct{}, nparts)
+	for i := range done {
+		done[i] = make(chan struct{})
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	h := sha256.New()
+	hashErr := make(chan error, 1)
+	go func() {
+		if !r.cfg.Verify {
+			hashErr <- nil
+			return
+		}
+		bp := bufPool.Get().(*[]byte)
+		defer bufPool.Put(bp)
+		for i := range nparts {
+			select {
+			case <-done[i]:
+			case <-ctx.Done():
+				hashErr <- context.Cause(ctx)
+				return
+			}
+			off := int64(i) * ps
+			n := min(ps, f.Size-off)
+			if _, err := io.CopyBuffer(h, io.NewSectionReader(file, off, n), *bp); err != nil {
+				hashErr <- err
+				return
+			}
+		}
+		hashErr <- nil
+	}()
+
+	parts := make(chan int)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var firstErr error
+	for range min(r.cfg.Concurrency, nparts) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bp := bufPool.Get().(*[]byte)
+			defer bufPool.Put(bp)
+			for i := range parts {
+				off := int64(i) * ps
+				n := min(ps, f.Size-off)
+				err := r.get(ctx, f, store.GetOptions{Offset: off, Length: n}, func(body io.Reader, _ store.ObjectInfo) error {
+					got, err := copyCounted(io.NewOffsetWriter(file, off), io.LimitReader(body, n), *bp, &r.prog)
+					if err == nil && got < n {
+						r.prog.bytes.Add(-got)
+						err = retryableRead("get", snapshot.DataKey(f.Path), fmt.Errorf("range %d+%d ended after %d bytes", off, n, got))
+					}
+					return err
+				})
+				if err != nil {
+					once.Do(func() { firstErr = err; cancel(err) })
+					continue
+				}
+				close(done[i])
+			}
+		}()
+	}
+feed:
+	for i := range nparts {
+		select {
+		case parts <- i:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(parts)
+	wg.Wait()
+	herr := <-hashErr
+	if firstErr != nil {
+		return "", firstErr
+	}
+	if herr != nil {
+		return "", fmt.Errorf("hash %q: %w", f.Path, herr)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}

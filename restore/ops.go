@@ -1,0 +1,196 @@
+package restore
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// ListEntry is one line of `restore list`.
+type ListEntry struct {
+	snapshot.Info
+	Files int
+	Bytes int64
+	Err   error // the manifest could not be read or was refused
+}
+
+// List returns every snapshot of st with its file count and size, oldest first.
+func List(ctx context.Context, st store.Store) ([]ListEntry, error) {
+	infos, err := snapshot.List(ctx, st)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ListEntry, len(infos))
+	for i, info := range infos {
+		out[i].Info = info
+		m, err := snapshot.Load(ctx, st, info)
+		if err != nil {
+			out[i].Err = err
+			continue
+		}
+		out[i].Files = len(m.Files)
+		for _, f := range m.Files {
+			out[i].Bytes += f.Size
+		}
+	}
+	return out, nil
+}
+
+// PrintList writes the table of `restore list`.
+func PrintList(w io.Writer, entries []ListEntry) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tCREATED\tFILES\tBYTES")
+	for _, e := range entries {
+		if e.Err != nil {
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\tUNREADABLE: %v\n", e.ID, e.Created.Format(time.RFC3339), e.Err)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\n", e.ID, e.Created.Format(time.RFC3339), e.Files, e.Bytes)
+	}
+	tw.Flush()
+}
+
+// Problem is one failed check of `restore verify`.
+type Problem struct {
+	Path   string
+	Reason string
+}
+
+// VerifyReport is the outcome of Verify.
+type VerifyReport struct {
+	Snapshot string
+	Files    int
+	Bytes    int64
+	Problems []Problem
+}
+
+// Verify checks that every object of the snapshot spec exists with the recorded
+// size and sha256 metadata; deep also downloads each and hashes it.
+func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurrency int) (*VerifyReport, error) {
+	info, err := snapshot.Resolve(ctx, st, spec)
+	if err != nil {
+		return nil, err
+	}
+	m, err := snapshot.Load(ctx, st, info)
+	if err != nil {
+		return nil, err
+	}
+	rep := &VerifyReport{Snapshot: m.ID, Files: len(m.Files)}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	work := make(chan snapshot.File)
+	var fatal error
+	for range max(1, min(concurrency, len(m.Files))) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for f := range work {
+				reason, err := verifyOne(ctx, st, f, deep)
+				mu.Lock()
+				if err != nil && fatal == nil {
+					fatal = err
+				}
+				if reason != "" {
+					rep.Problems = append(rep.Problems, Problem{Path: f.Path, Reason: reason})
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, f := range m.Files {
+		rep.Bytes += f.Size
+		work <- f
+	}
+	close(work)
+	wg.Wait()
+	if fatal != nil {
+		return rep, fatal
+	}
+	return rep, nil
+}
+
+func retry(ctx context.Context, op func(context.Context) error) error {
+	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, nil, op)
+}
+
+// verifyOne returns a problem description, or an error when the check itself
+// could not run (then the verdict is unknown, not "bad").
+func verifyOne(ctx context.Context, st store.Store, f snapshot.File, deep bool) (string, error) {
+	key := snapshot.DataKey(f.Path)
+	var info store.ObjectInfo
+	err := retry(ctx, func(ctx context.Context) error {
+		var err error
+		info, err = head(ctx, st, key, f.VersionID)
+		return err
+	})
+	if errors.Is(err, store.ErrNotExist) {
+		return "object " + key + versionText(f) + " is missing", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if info.Size != f.Size {
+		return fmt.Sprintf("object %s%s has %d bytes, the snapshot says %d", key, versionText(f), info.Size, f.Size), nil
+	}
+	if got := info.Metadata[snapshot.MetaSHA256]; got != f.SHA256 {
+		return fmt.Sprintf("object %s%s has sha256 metadata %q, the snapshot says %s", key, versionText(f), got, f.SHA256), nil
+	}
+	if !deep {
+		return "", nil
+	}
+	var sum string
+	err = retry(ctx, func(ctx context.Context) error {
+		rc, _, err := st.Get(ctx, key, store.GetOptions{VersionID: f.VersionID})
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, rc); err != nil {
+			return retryableRead("get", key, err)
+		}
+		sum = hex.EncodeToString(h.Sum(nil))
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	if sum != f.SHA256 {
+		return fmt.Sprintf("object %s%s hashes to %s, the snapshot says %s", key, versionText(f), sum, f.SHA256), nil
+	}
+	return "", nil
+}
+
+func versionText(f snapshot.File) string {
+	if f.VersionID == "" {
+		return ""
+	}
+	return " (version " + f.VersionID + ")"
+}
+
+// head is Store.Head, for a specific version when the entry has one (S3 only:
+// the Store interface's Head has no version parameter).
+func head(ctx context.Context, st store.Store, key, version string) (store.ObjectInfo, error) {
+	s3st, ok := st.(*store.S3Store)
+	if version == "" || !ok {
+		return st.Head(ctx, key)
+	}
+	out, err := s3st.Client().HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(s3st.Bucket()), Key: aws.String(s3st.FullKey(key)), VersionId: aws.String(version)})
+	if err != nil {
+		return store.ObjectInfo{}, store.ClassifyS3("head", key, err)
+	}
+	return store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId)}, nil
+}

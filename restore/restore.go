@@ -1,0 +1,636 @@
+package restore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// Durability is how restored data is made durable before restored.json.
+type Durability int
+
+const (
+	// SyncFS flushes the whole filesystem once at the end (syncfs(2)): one
+	// call instead of two fsyncs per file; see README "restore" for numbers.
+	SyncFS Durability = iota
+	// FsyncEach fsyncs every file before its rename and every directory touched.
+	FsyncEach
+)
+
+// Names inside the state dir.
+const (
+	TmpDirName   = "restore-tmp"
+	ResultName   = "restored.json"
+	tmpSuffix    = ".part"
+	defaultPart  = 8 << 20
+	defaultRange = 16 << 20
+)
+
+// Options tune a Restorer beyond its configuration.
+type Options struct {
+	Log    *slog.Logger
+	Events events.Recorder
+	// ProgressEvery is the interval of progress log lines (default 2 s).
+	ProgressEvery time.Duration
+	// PartSize is the byte range of one GET of a large file (default 8 MiB);
+	// files of RangeThreshold bytes or more (default 16 MiB) are fetched in
+	// parallel ranges.
+	PartSize       int64
+	RangeThreshold int64
+	Durability     Durability
+}
+
+// Restorer restores one directory from one store.
+type Restorer struct {
+	cfg  *Config
+	st   store.Store
+	o    Options
+	log  *slog.Logger
+	prog progress
+}
+
+// New returns a Restorer. cfg must have passed config.Load.
+func New(cfg *Config, st store.Store, o Options) *Restorer {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if o.Events == nil {
+		o.Events = events.Log{L: o.Log}
+	}
+	if o.ProgressEvery <= 0 {
+		o.ProgressEvery = 2 * time.Second
+	}
+	if o.PartSize <= 0 {
+		o.PartSize = defaultPart
+	}
+	if o.RangeThreshold <= 0 {
+		o.RangeThreshold = defaultRange
+	}
+	return &Restorer{cfg: cfg, st: st, o: o, log: o.Log}
+}
+
+// Result is what a run did; it is also the content of restored.json.
+type Result struct {
+	Snapshot     string        `json:"snapshot"`
+	Created      time.Time     `json:"created"`
+	Files        int           `json:"files"`
+	Bytes        int64         `json:"bytes"`
+	Fetched      int           `json:"fetched"`
+	FetchedBytes int64         `json:"fetched_bytes"`
+	Skipped      int           `json:"skipped"`
+	Fixed        int           `json:"fixed_metadata"`
+	Removed      int           `json:"removed"`
+	Duration     time.Duration `json:"-"`
+	DurationText string        `json:"duration"`
+	Finished     time.Time     `json:"finished"`
+	// Outcome is "restored", "no-snapshot" or "not-empty" (skip-if-not-empty).
+	Outcome string `json:"outcome"`
+}
+
+// ErrNotEmpty is returned under RESTORE_MODE=fail-if-not-empty.
+var ErrNotEmpty = errors.New("RESTORE_DIR is not empty and RESTORE_MODE=fail-if-not-empty")
+
+// Run restores and reports the outcome through the log and an event.
+func (r *Restorer) Run(ctx context.Context) (*Result, error) {
+	start := time.Now()
+	res, err := r.run(ctx, start)
+	if err != nil {
+		r.o.Events.Event(ctx, events.Warning, "RestoreFailed", err.Error())
+		return res, err
+	}
+	switch res.Outcome {
+	case "restored":
+		r.o.Events.Event(ctx, events.Normal, "Restored", fmt.Sprintf("snapshot %s: %d files, %d bytes (%d files, %d bytes fetched) in %s",
+			res.Snapshot, res.Files, res.Bytes, res.Fetched, res.FetchedBytes, res.Duration.Round(time.Millisecond)))
+	case "no-snapshot":
+		r.o.Events.Event(ctx, events.Normal, "NothingToRestore", "no snapshot in "+r.st.String()+"; starting empty (RESTORE_IF_MISSING=empty)")
+	case "not-empty":
+		r.o.Events.Event(ctx, events.Normal, "RestoreSkipped", "RESTORE_DIR is not empty (RESTORE_MODE=skip-if-not-empty)")
+	}
+	return res, nil
+}
+
+func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
+	cfg := r.cfg
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("RESTORE_DIR: %w", err)
+	}
+	t, err := openTree(cfg.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("RESTORE_DIR: %w", err)
+	}
+	defer t.Close()
+	stateRel := cfg.stateRel()
+
+	if cfg.Mode == ModeSkipIfNotEmpty || cfg.Mode == ModeFailIfNotEmpty {
+		name, err := firstEntry(cfg.Dir, stateRel)
+		if err != nil {
+			return nil, err
+		}
+		if name != "" {
+			if cfg.Mode == ModeFailIfNotEmpty {
+				return nil, fmt.Errorf("%w (found %q)", ErrNotEmpty, name)
+			}
+			r.log.Info("RESTORE_DIR is not empty, nothing restored (RESTORE_MODE=skip-if-not-empty)", "dir", cfg.Dir, "found", name)
+			return &Result{Outcome: "not-empty", Duration: time.Since(start)}, nil
+		}
+	}
+
+	info, err := snapshot.Resolve(ctx, r.st, cfg.Snapshot)
+	if errors.Is(err, snapshot.ErrNoSnapshot) {
+		if cfg.IfMissing == IfMissingEmpty {
+			r.log.Info("no snapshot to restore; starting empty (RESTORE_IF_MISSING=empty)", "store", r.st.String(), "snapshot", cfg.Snapshot, "why", err.Error())
+			return &Result{Outcome: "no-snapshot", Duration: time.Since(start)}, nil
+		}
+		return nil, fmt.Errorf("RESTORE_IF_MISSING=fail: %w in %s (RESTORE_SNAPSHOT=%s)", err, r.st, cfg.Snapshot)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("find snapshot: %w", err)
+	}
+	m, err := snapshot.Load(ctx, r.st, info)
+	if err != nil {
+		return nil, fmt.Errorf("refusing snapshot %s: %w", info.ID, err)
+	}
+	if stateRel != "" {
+		for _, f := range m.Files {
+			if f.Path == stateRel || strings.HasPrefix(f.Path, stateRel+"/") {
+				return nil, fmt.Errorf("refusing snapshot %s: file %q lies in the state directory %s", m.ID, f.Path, cfg.StateDir)
+			}
+		}
+	}
+
+	state, err := r.openState(t, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(state.dir)
+	defer unix.Close(state.tmp)
+
+	p, err := r.plan(t, m, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	r.log.Info("plan", "snapshot", m.ID, "created", m.Created, "files", len(m.Files),
+		"fetch_files", len(p.fetch), "fetch_bytes", p.fetchBytes, "skip_files", p.skip, "skip_bytes", p.skipBytes,
+		"fix_metadata", len(p.fix), "remove", len(p.remove))
+	if err := checkSpace(t.root, p.fetchBytes); err != nil {
+		return nil, err
+	}
+
+	// From here on the directory changes: restored.json must not claim a
+	// snapshot that is only half there.
+	if err := unlinkIgnoreMissing(state.dir, ResultName); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	for _, rm := range p.remove {
+		if err := t.remove(rm.path, rm.dir); err != nil {
+			return nil, err
+		}
+	}
+	for _, f := range p.fix {
+		if err := t.setMeta(f.Path, os.FileMode(f.Mode), f.MTime); err != nil {
+			return nil, err
+		}
+	}
+	if err := r.fetchAll(ctx, t, state.tmp, p); err != nil {
+		return nil, err
+	}
+	if err := r.makeDurable(t, state.tmp); err != nil {
+		return nil, err
+	}
+
+	var total int64
+	for _, f := range m.Files {
+		total += f.Size
+	}
+	res := &Result{Snapshot: m.ID, Created: m.Created, Files: len(m.Files), Bytes: total, Fetched: len(p.fetch),
+		FetchedBytes: p.fetchBytes, Skipped: p.skip, Fixed: len(p.fix), Removed: len(p.remove), Outcome: "restored"}
+	res.Finished = time.Now().UTC()
+	res.Duration = time.Since(start)
+	res.DurationText = res.Duration.Round(time.Millisecond).String()
+	if err := writeResult(state.dir, res); err != nil {
+		return nil, err
+	}
+	r.log.Info("restored", "snapshot", m.ID, "files", res.Files, "bytes", res.Bytes, "fetched_files", res.Fetched,
+		"fetched_bytes", res.FetchedBytes, "skipped", res.Skipped, "fixed_metadata", res.Fixed, "removed", res.Removed,
+		"duration", res.DurationText, "rate_mb_s", rate(res.FetchedBytes, res.Duration))
+	return res, nil
+}
+
+type stateDirs struct{ dir, tmp int }
+
+// openState opens the state dir and its temp subdir (created when missing)
+// and clears temp files a crashed run left behind.
+func (r *Restorer) openState(t *tree, stateRel string) (stateDirs, error) {
+	var dir int
+	if stateRel != "" {
+		fd, release, err := t.dir(stateRel, stateRel, true)
+		if err != nil {
+			return stateDirs{}, fmt.Errorf("state dir %s: %w", r.cfg.StateDir, err)
+		}
+		// Dup so the tree's cache and this handle close independently.
+		dir, err = unix.Dup(fd)
+		release()
+		if err != nil {
+			return stateDirs{}, err
+		}
+	} else {
+		if err := os.MkdirAll(r.cfg.StateDir, 0o755); err != nil {
+			return stateDirs{}, fmt.Errorf("RESTORE_STATE_DIR: %w", err)
+		}
+		fd, err := unix.Open(r.cfg.StateDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return stateDirs{}, fmt.Errorf("RESTORE_STATE_DIR %s: %w", r.cfg.StateDir, err)
+		}
+		var a, b unix.Stat_t
+		if unix.Fstat(fd, &a) == nil && unix.Fstat(t.root, &b) == nil && a.Dev != b.Dev {
+			unix.Close(fd)
+			return stateDirs{}, fmt.Errorf("RESTORE_STATE_DIR %s is on another filesystem than RESTORE_DIR %s; temp files must be renamed into place atomically", r.cfg.StateDir, r.cfg.Dir)
+		}
+		dir = fd
+	}
+	tmp, err := openDirAt(dir, TmpDirName)
+	if errors.Is(err, unix.ENOENT) {
+		if err = unix.Mkdirat(dir, TmpDirName, 0o700); err == nil || errors.Is(err, unix.EEXIST) {
+			tmp, err = openDirAt(dir, TmpDirName)
+		}
+	}
+	if err != nil {
+		unix.Close(dir)
+		return stateDirs{}, fmt.Errorf("state dir %s/%s: %w", r.cfg.StateDir, TmpDirName, err)
+	}
+	n, err := clearTmp(tmp)
+	if err != nil {
+		unix.Close(dir)
+		unix.Close(tmp)
+		return stateDirs{}, fmt.Errorf("clear temp files: %w", err)
+	}
+	if n > 0 {
+		r.log.Info("removed temp files of an interrupted run", "count", n)
+	}
+	return stateDirs{dir: dir, tmp: tmp}, nil
+}
+
+func clearTmp(tmp int) (int, error) {
+	d, err := unix.Dup(tmp)
+	if err != nil {
+		return 0, err
+	}
+	f := os.NewFile(uintptr(d), TmpDirName)
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, name := range names {
+		if err := unix.Unlinkat(tmp, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return n, fmt.Errorf("%s: %w", name, err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+func unlinkIgnoreMissing(dir int, name string) error {
+	if err := unix.Unlinkat(dir, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove %s: %w", name, err)
+	}
+	return nil
+}
+
+// firstEntry returns the name of an entry of dir other than the state dir,
+// or "" when there is none.
+func firstEntry(dir, stateRel string) (string, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return "", fmt.Errorf("RESTORE_DIR: %w", err)
+	}
+	defer f.Close()
+	for {
+		names, err := f.Readdirnames(64)
+		for _, n := range names {
+			if stateRel != "" && n == strings.SplitN(stateRel, "/", 2)[0] {
+				continue
+			}
+			return n, nil
+		}
+		if err != nil {
+			return "", nil
+		}
+	}
+}
+
+type removal struct {
+	path string
+	dir  bool
+}
+
+type plan struct {
+	fetch      []snapshot.File
+	fetchBytes int64
+	skip       int
+	skipBytes  int64
+	fix        []snapshot.File
+	remove     []removal
+}
+
+type localEntry struct {
+	mode  fs.FileMode // type bits + permissions
+	size  int64
+	mtime time.Time
+}
+
+// scan lists RESTORE_DIR without following links (WalkDir uses lstat), leaving
+// out the state dir.
+func scan(dir, stateRel string) (map[string]localEntry, error) {
+	out := map[string]localEntry{}
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if p == dir {
+			return nil
+		}
+		rel := filepath.ToSlash(p[len(dir)+1:])
+		if stateRel != "" && rel == stateRel {
+			return filepath.SkipDir
+		}
+		fi, err := d.Info()
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		out[rel] = localEntry{mode: fi.Mode(), size: fi.Size(), mtime: fi.ModTime()}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("scan RESTORE_DIR: %w", err)
+	}
+	return out, nil
+}
+
+// plan compares the snapshot with the disk. Links in the way are refused in
+// every mode; files or directories in the way are removed only under mirror.
+func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, error) {
+	local, err := scan(r.cfg.Dir, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	mirror := r.cfg.Mode == ModeMirror
+	p := &plan{}
+	neededDirs := map[string]bool{}
+	removeSet := map[string]bool{}
+	for _, f := range m.Files {
+		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
+			if neededDirs[d] {
+				break
+			}
+			neededDirs[d] = true
+		}
+	}
+	for d := range neededDirs {
+		e, ok := local[d]
+		switch {
+		case !ok || e.mode.IsDir():
+		case e.mode&fs.ModeSymlink != 0:
+			return nil, &LinkError{Path: firstUnder(m, d), Link: d}
+		case mirror:
+			removeSet[d] = true
+		default:
+			return nil, &ConflictError{Path: firstUnder(m, d), Reason: fmt.Sprintf("%q on disk is a file, the snapshot needs a directory there", d)}
+		}
+	}
+	for _, f := range m.Files {
+		e, ok := local[f.Path]
+		switch {
+		case !ok:
+		case e.mode&fs.ModeSymlink != 0:
+			return nil, &LinkError{Path: f.Path, Link: f.Path}
+		case e.mode.IsDir():
+			if !mirror {
+				return nil, &ConflictError{Path: f.Path, Reason: "a directory is in the way of the file"}
+			}
+			removeSet[f.Path] = true
+			ok = false
+		case !e.mode.IsRegular():
+			if !mirror {
+				return nil, &ConflictError{Path: f.Path, Reason: "a special file is in the way"}
+			}
+			removeSet[f.Path] = true
+			ok = false
+		}
+		if !ok || removeSet[f.Path] {
+			p.fetch = append(p.fetch, f)
+			p.fetchBytes += f.Size
+			continue
+		}
+		same, metaOK, err := r.compare(f, e)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case !same:
+			p.fetch = append(p.fetch, f)
+			p.fetchBytes += f.Size
+		case !metaOK:
+			p.fix = append(p.fix, f)
+			p.skip++
+			p.skipBytes += f.Size
+		default:
+			p.skip++
+			p.skipBytes += f.Size
+		}
+	}
+	if mirror {
+		inSnap := make(map[string]bool, len(m.Files))
+		for _, f := range m.Files {
+			inSnap[f.Path] = true
+		}
+		for rel, e := range local {
+			if e.mode.IsDir() && !removeSet[rel] {
+				if !neededDirs[rel] {
+					removeSet[rel] = true
+				}
+				continue
+			}
+			if !inSnap[rel] && !removeSet[rel] {
+				removeSet[rel] = true
+			}
+		}
+		// Removing a directory that is in the way means removing its content
+		// first; everything below it is extra by construction, so it is in the set.
+		for rel := range removeSet {
+			p.remove = append(p.remove, removal{path: rel, dir: local[rel].mode.IsDir()})
+		}
+		slices.SortFunc(p.remove, func(a, b removal) int {
+			if da, db := strings.Count(a.path, "/"), strings.Count(b.path, "/"); da != db {
+				return db - da
+			}
+			return strings.Compare(a.path, b.path)
+		})
+	}
+	return p, nil
+}
+
+func firstUnder(m *snapshot.Manifest, dir string) string {
+	for _, f := range m.Files {
+		if strings.HasPrefix(f.Path, dir+"/") {
+			return f.Path
+		}
+	}
+	return dir
+}
+
+// compare reports whether the local file has the snapshot's content, and if
+// so whether its mode and mtime match too. Size and mtime (ns) equal means
+// same content without reading it: that is how the syncer leaves files and
+// how restore leaves them. Otherwise an equal size is settled by sha256.
+func (r *Restorer) compare(f snapshot.File, e localEntry) (same, metaOK bool, err error) {
+	if e.size != f.Size {
+		return false, false, nil
+	}
+	metaOK = e.mtime.Equal(f.MTime) && uint32(e.mode.Perm()) == uint32(f.Mode)
+	if e.mtime.Equal(f.MTime) {
+		return true, metaOK, nil
+	}
+	sum, _, err := snapshot.HashFile(filepath.Join(r.cfg.Dir, filepath.FromSlash(f.Path)))
+	if err != nil {
+		// Unreadable (e.g. mode 0000 as non-root): fetch it again.
+		return false, false, nil
+	}
+	return sum == f.SHA256, false, nil
+}
+
+// checkSpace refuses a snapshot whose files cannot fit, before writing any:
+// a manifest can claim sizes up to 5 TiB per file.
+func checkSpace(root int, need int64) error {
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(root, &sfs); err != nil {
+		return nil // unknown: the writes will tell
+	}
+	free := int64(sfs.Bavail) * int64(sfs.Bsize)
+	if need > free {
+		return fmt.Errorf("refusing to restore: the snapshot needs %d bytes to fetch, only %d bytes are free under RESTORE_DIR", need, free)
+	}
+	return nil
+}
+
+func (r *Restorer) makeDurable(t *tree, tmp int) error {
+	if r.o.Durability == FsyncEach {
+		for _, fd := range t.openedDirs() {
+			if err := unix.Fsync(fd); err != nil {
+				return fmt.Errorf("fsync directory: %w", err)
+			}
+		}
+		return nil
+	}
+	if err := unix.Syncfs(t.root); err != nil {
+		return fmt.Errorf("syncfs RESTORE_DIR: %w", err)
+	}
+	return nil
+}
+
+// writeResult writes restored.json atomically and durably.
+func writeResult(dir int, res *Result) error {
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmpName := ResultName + tmpSuffix
+	fd, err := unix.Openat(dir, tmpName, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", ResultName, err)
+	}
+	f := os.NewFile(uintptr(fd), tmpName)
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = unix.Renameat(dir, tmpName, dir, ResultName)
+	}
+	if err == nil {
+		err = unix.Fsync(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", ResultName, err)
+	}
+	return nil
+}
+
+// ReadResult reads restored.json from a state dir.
+func ReadResult(stateDir string) (*Result, error) {
+	b, err := os.ReadFile(filepath.Join(stateDir, ResultName))
+	if err != nil {
+		return nil, err
+	}
+	var res Result
+	if err := json.Unmarshal(b, &res); err != nil {
+		return nil, err
+	}
+	return &res, nil
+}
+
+func rate(bytes int64, d time.Duration) string {
+	if d <= 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%.1f", float64(bytes)/d.Seconds()/1e6)
+}
+
+// progress counts work for the periodic log line.
+type progress struct {
+	files, bytes           atomic.Int64
+	totalFiles, totalBytes int64
+}
+
+func (r *Restorer) logProgress(ctx context.Context, start time.Time) func() {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(r.o.ProgressEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				files, bytes := r.prog.files.Load(), r.prog.bytes.Load()
+				el := time.Since(start)
+				eta := "unknown"
+				if bytes > 0 {
+					left := float64(r.prog.totalBytes-bytes) / (float64(bytes) / el.Seconds())
+					eta = (time.Duration(left) * time.Second).Round(time.Second).String()
+				}
+				r.log.Info("progress", "files", files, "files_total", r.prog.totalFiles, "bytes", bytes,
+					"bytes_total", r.prog.totalBytes, "rate_mb_s", rate(bytes, el), "eta", eta)
+			}
+		}
+	}()
+	return func() { cancel(); wg.Wait() }
+}
