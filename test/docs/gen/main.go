@@ -7,6 +7,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/restore"
+	"github.com/podkeeper/podkeeper/syncer"
 	"github.com/podkeeper/podkeeper/test/docs"
 )
 
@@ -16,6 +17,7 @@ var tables = []docs.Table{
 		Base  config.Base
 		Store config.Store
 	}{}},
+	{Name: "syncer", Config: &syncer.Config{}},
 	{Name: "restore", Config: &restore.Config{}},
 }
 

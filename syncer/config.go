@@ -1,0 +1,99 @@
+// Package syncer watches a directory and pushes every finished file to the
+// object store, records snapshots restore can rebuild the directory from, and
+// drains on shutdown.
+package syncer
+
+import (
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/podkeeper/podkeeper/agents/config"
+)
+
+// DefaultExclude are the names of files that are still being written by the
+// usual tools (download managers, editors, write-then-rename writers).
+const DefaultExclude = "*.tmp,*.part,*.partial,*.swp,*~,.#*"
+
+// StateDirName is the state directory inside SYNC_DIR shared with restore; it
+// is never uploaded.
+const StateDirName = ".podkeeper"
+
+// Config is the syncer's configuration.
+type Config struct {
+	Base  config.Base
+	Store config.Store
+
+	Dir              string        `env:"SYNC_DIR,required" help:"Directory to watch and upload (the shared emptyDir)."`
+	Exclude          []string      `env:"SYNC_EXCLUDE" envDefault:"*.tmp,*.part,*.partial,*.swp,*~,.#*" help:"Comma-separated globs of names never uploaded, matched against the path relative to SYNC_DIR and against the base name."`
+	Settle           time.Duration `env:"SYNC_SETTLE" envDefault:"1s" help:"A file is uploaded once no write arrived for this long and its size and mtime are stable (files renamed into place go at once)."`
+	Concurrency      int           `env:"SYNC_CONCURRENCY" envDefault:"16" help:"Uploads in flight at once."`
+	MaxFileSize      int64         `env:"SYNC_MAX_FILE_SIZE" envDefault:"0" help:"Files larger than this many bytes are skipped with a warning and a metric (0 = no limit)."`
+	Delete           bool          `env:"SYNC_DELETE" envDefault:"false" help:"Delete data objects that no retained snapshot references and that are gone locally."`
+	SnapshotInterval time.Duration `env:"SYNC_SNAPSHOT_INTERVAL" envDefault:"1m" help:"Write a snapshot this often when something changed (0 = only at shutdown)."`
+	SnapshotRetain   int           `env:"SYNC_SNAPSHOT_RETAIN" envDefault:"48" help:"Number of newest snapshots kept."`
+	ShutdownTimeout  time.Duration `env:"SYNC_SHUTDOWN_TIMEOUT" envDefault:"25s" help:"Time to drain uploads, write the final snapshot and release the lease after SIGTERM; past it the syncer exits 1 listing what was left."`
+	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
+	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
+	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Write a snapshot even when it drops more than half of the previous snapshot's files (otherwise such a snapshot is held back as a likely unmounted or wiped volume)."`
+}
+
+// BaseConfig implements lifecycle.Configurable.
+func (c *Config) BaseConfig() *config.Base { return &c.Base }
+
+// Validate checks what tags cannot.
+func (c *Config) Validate(env config.Env, errs *config.Error) {
+	if c.Dir != "" && !errs.Has("SYNC_DIR") {
+		if !filepath.IsAbs(c.Dir) {
+			errs.Add("SYNC_DIR", env.Get("SYNC_DIR"), "must be an absolute path")
+		} else if fi, err := os.Stat(c.Dir); err != nil || !fi.IsDir() {
+			errs.Add("SYNC_DIR", env.Get("SYNC_DIR"), "must be an existing directory")
+		} else {
+			c.Dir = filepath.Clean(c.Dir)
+		}
+	}
+	if !errs.Has("SYNC_EXCLUDE") {
+		clean := c.Exclude[:0]
+		for _, p := range c.Exclude {
+			p = strings.TrimSpace(p)
+			if p == "" {
+				continue
+			}
+			if _, err := path.Match(p, ""); err != nil {
+				errs.Add("SYNC_EXCLUDE", env.Get("SYNC_EXCLUDE"), "pattern %q is not a valid glob: %v", p, err)
+				continue
+			}
+			clean = append(clean, p)
+		}
+		c.Exclude = clean
+	}
+	if !errs.Has("SYNC_SETTLE") && (c.Settle < 0 || c.Settle > 24*time.Hour) {
+		errs.Add("SYNC_SETTLE", env.Get("SYNC_SETTLE"), "must be between 0 and 24h")
+	}
+	if !errs.Has("SYNC_CONCURRENCY") && (c.Concurrency < 1 || c.Concurrency > 1024) {
+		errs.Add("SYNC_CONCURRENCY", env.Get("SYNC_CONCURRENCY"), "must be between 1 and 1024")
+	}
+	if !errs.Has("SYNC_MAX_FILE_SIZE") && c.MaxFileSize < 0 {
+		errs.Add("SYNC_MAX_FILE_SIZE", env.Get("SYNC_MAX_FILE_SIZE"), "must be 0 (no limit) or a positive number of bytes")
+	}
+	if !errs.Has("SYNC_SNAPSHOT_INTERVAL") && c.SnapshotInterval != 0 && c.SnapshotInterval < 100*time.Millisecond {
+		errs.Add("SYNC_SNAPSHOT_INTERVAL", env.Get("SYNC_SNAPSHOT_INTERVAL"), "must be 0 (only at shutdown) or at least 100ms")
+	}
+	if !errs.Has("SYNC_SNAPSHOT_RETAIN") && c.SnapshotRetain < 1 {
+		errs.Add("SYNC_SNAPSHOT_RETAIN", env.Get("SYNC_SNAPSHOT_RETAIN"), "must be at least 1")
+	}
+	if !errs.Has("SYNC_SHUTDOWN_TIMEOUT") && c.ShutdownTimeout <= 0 {
+		errs.Add("SYNC_SHUTDOWN_TIMEOUT", env.Get("SYNC_SHUTDOWN_TIMEOUT"), "must be a positive duration, e.g. 25s")
+	}
+	if c.StateDir == "" && c.Dir != "" {
+		c.StateDir = filepath.Join(c.Dir, StateDirName)
+	} else if c.StateDir != "" {
+		if !filepath.IsAbs(c.StateDir) {
+			errs.Add("SYNC_STATE_DIR", env.Get("SYNC_STATE_DIR"), "must be an absolute path")
+		} else {
+			c.StateDir = filepath.Clean(c.StateDir)
+		}
+	}
+}

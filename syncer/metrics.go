@@ -1,0 +1,88 @@
+package syncer
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/health"
+)
+
+type metrics struct {
+	uploads       *prometheus.CounterVec
+	bytes         *prometheus.CounterVec
+	retries       prometheus.Counter
+	parts         prometheus.Counter
+	skipped       prometheus.Counter
+	rescans       prometheus.Counter
+	snapshots     prometheus.Counter
+	deleted       prometheus.Counter
+	leaseRenewals prometheus.Counter
+	queue         prometheus.Gauge
+	queueBytes    prometheus.Gauge
+	oldest        prometheus.Gauge
+	lastSnapshot  prometheus.Gauge
+	watches       prometheus.Gauge
+	massDelete    prometheus.Gauge
+}
+
+func newMetrics(h *health.Server) *metrics {
+	c := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: h.Name(name), Help: help})
+	}
+	g := func(name, help string) prometheus.Gauge {
+		return prometheus.NewGauge(prometheus.GaugeOpts{Name: h.Name(name), Help: help})
+	}
+	m := &metrics{
+		uploads:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("uploads_total"), Help: "Uploads by result (ok, error, changed = the file changed during the upload and goes again)."}, []string{"result"}),
+		bytes:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("upload_bytes_total"), Help: "Bytes of finished uploads by result."}, []string{"result"}),
+		retries:       c("upload_retries_total", "Upload attempts that failed with a transient error and were retried."),
+		parts:         c("multipart_parts_total", "Multipart parts uploaded (parts reused after a restart are not counted)."),
+		skipped:       c("skipped_too_large_total", "Files not uploaded because they exceed SYNC_MAX_FILE_SIZE."),
+		rescans:       c("rescans_total", "Full rescans after lost events (inotify overflow, watch errors)."),
+		snapshots:     c("snapshots_total", "Snapshots written."),
+		deleted:       c("deleted_objects_total", "Data objects deleted by retention (SYNC_DELETE=true)."),
+		leaseRenewals: c("lease_renewals_total", "Lease renewals."),
+		queue:         g("queue_files", "Files waiting to be uploaded (settling, queued or in flight)."),
+		queueBytes:    g("queue_bytes", "Bytes of the files waiting to be uploaded."),
+		oldest:        g("oldest_pending_seconds", "Age of the oldest file waiting to be uploaded."),
+		lastSnapshot:  g("last_snapshot_timestamp_seconds", "Creation time of the newest snapshot written or loaded."),
+		watches:       g("watches", "Directories watched."),
+		massDelete:    g("mass_delete_blocked", "1 while a snapshot is held back by the mass-delete guard."),
+	}
+	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
+		m.leaseRenewals, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
+	for _, r := range []string{"ok", "error", "changed"} {
+		m.uploads.WithLabelValues(r)
+	}
+	m.bytes.WithLabelValues("ok")
+	return m
+}
+
+// limitedRecorder passes at most one event per reason per interval, so a
+// failing loop does not flood the Pod's events or the log.
+type limitedRecorder struct {
+	next     events.Recorder
+	interval time.Duration
+	mu       sync.Mutex
+	last     map[string]time.Time
+}
+
+func newLimitedRecorder(r events.Recorder) *limitedRecorder {
+	return &limitedRecorder{next: r, interval: 30 * time.Second, last: map[string]time.Time{}}
+}
+
+func (l *limitedRecorder) Event(ctx context.Context, t events.Type, reason, message string) {
+	l.mu.Lock()
+	now := time.Now()
+	if last, ok := l.last[reason]; ok && now.Sub(last) < l.interval {
+		l.mu.Unlock()
+		return
+	}
+	l.last[reason] = now
+	l.mu.Unlock()
+	l.next.Event(ctx, t, reason, message)
+}
