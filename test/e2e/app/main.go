@@ -1,0 +1,226 @@
+// Command upload-app is the e2e tests' stand-in for a file-upload application, and the
+// offline node's sandbox ("pause") process. One static binary, no shell in the image, so
+// every action the tests need inside a Pod is a subcommand run with `kubectl exec`:
+//
+//	upload-app run                 the app container: prints what it finds in the data dir
+//	                               (proof that restore ran before it), optionally writes a
+//	                               batch (APP_FILES, APP_LINES...), then waits for SIGTERM
+//	upload-app write [flags]       write N files (nested, one large) and M log lines, print sums
+//	upload-app sums [-dir D]       sha256 of every file under D, sorted: "SUM  PATH"
+//	upload-app pause               block until SIGTERM/SIGINT (the pod sandbox image)
+//
+// Every signal received is printed with a timestamp and, when APP_WITNESS names a file, appended
+// to it, so a test can observe the termination order of the containers of a Pod.
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	args := os.Args[1:]
+	if len(args) == 0 {
+		args = []string{"run"}
+	}
+	var err error
+	switch args[0] {
+	case "pause":
+		waitSignal("pause")
+	case "run":
+		err = run()
+	case "write":
+		err = writeCmd(args[1:])
+	case "sums":
+		fl := flag.NewFlagSet("sums", flag.ExitOnError)
+		dir := fl.String("dir", env("APP_DATA_DIR", "/data"), "directory to hash")
+		fl.Parse(args[1:])
+		err = printSums(os.Stdout, *dir)
+	default:
+		err = fmt.Errorf("unknown subcommand %q (run, write, sums, pause)", args[0])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "upload-app:", err)
+		os.Exit(1)
+	}
+}
+
+func env(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func envInt(k string, def int) int {
+	v, err := strconv.Atoi(env(k, strconv.Itoa(def)))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "upload-app: %s=%q is not an integer\n", k, os.Getenv(k))
+		os.Exit(2)
+	}
+	return v
+}
+
+func stamp() string { return time.Now().UTC().Format(time.RFC3339Nano) }
+
+// waitSignal blocks until SIGTERM or SIGINT and records it; the termination-order checks read
+// these lines, so they are written before the process exits.
+func waitSignal(who string) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	s := <-sigs
+	line := fmt.Sprintf("%s %s %s received %v", stamp(), who, env("POD_NAME", "-"), s)
+	fmt.Println(line)
+	if w := os.Getenv("APP_WITNESS"); w != "" {
+		if f, err := os.OpenFile(w, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o666); err == nil {
+			fmt.Fprintln(f, line)
+			f.Close()
+		}
+	}
+}
+
+func run() error {
+	dir := env("APP_DATA_DIR", "/data")
+	fmt.Printf("%s app started in %s; files present before the app wrote anything:\n", stamp(), dir)
+	if err := printSums(os.Stdout, dir); err != nil {
+		return err
+	}
+	fmt.Println("end of files present at start")
+	if n, m := envInt("APP_FILES", 0), envInt("APP_LINES", 0); n > 0 || m > 0 {
+		if err := write(dir, env("APP_LOG_FILE", "/logs/app.log"), n, envInt("APP_LARGE_KIB", 0), m, env("APP_BATCH", "start")); err != nil {
+			return err
+		}
+	}
+	if os.Getenv("APP_EXIT") == "true" {
+		return nil
+	}
+	waitSignal("app")
+	return nil
+}
+
+func writeCmd(args []string) error {
+	fl := flag.NewFlagSet("write", flag.ExitOnError)
+	dir := fl.String("dir", env("APP_DATA_DIR", "/data"), "data directory (the synced emptyDir)")
+	logf := fl.String("log", env("APP_LOG_FILE", "/logs/app.log"), "log file the lines are appended to")
+	files := fl.Int("files", 0, "number of files, spread over nested directories")
+	large := fl.Int("large-kib", 0, "size of one extra large file in KiB (0 = none)")
+	lines := fl.Int("lines", 0, "number of log lines")
+	batch := fl.String("batch", "b1", "name of this batch: prefixes file names and log lines")
+	fl.Parse(args)
+	return write(*dir, *logf, *files, *large, *lines, *batch)
+}
+
+// write creates the files with random content (so a byte-identical restore is meaningful) and
+// prints their sums, then appends the log lines. Files are written in place and closed, which is
+// how ordinary upload apps behave.
+func write(dir, logFile string, files, largeKiB, lines int, batch string) error {
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	put := func(rel string, size int) error {
+		p := filepath.Join(dir, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		f, err := os.Create(p)
+		if err != nil {
+			return err
+		}
+		h := sha256.New()
+		buf := make([]byte, 64<<10)
+		for left := size; left > 0; {
+			n := min(left, len(buf))
+			for i := range buf[:n] {
+				buf[i] = byte(rng.Uint32())
+			}
+			f.Write(buf[:n])
+			h.Write(buf[:n])
+			left -= n
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+		fmt.Printf("wrote %s  %s\n", hex.EncodeToString(h.Sum(nil)), rel)
+		return nil
+	}
+	for i := range files {
+		rel := filepath.Join(batch, fmt.Sprintf("d%d", i%3), fmt.Sprintf("sub%d", i%2), fmt.Sprintf("file-%03d.bin", i))
+		if err := put(rel, 1+rng.IntN(64<<10)); err != nil {
+			return err
+		}
+	}
+	if largeKiB > 0 {
+		if err := put(filepath.Join(batch, "large.bin"), largeKiB<<10); err != nil {
+			return err
+		}
+	}
+	if lines > 0 {
+		if err := os.MkdirAll(filepath.Dir(logFile), 0o755); err != nil {
+			return err
+		}
+		f, err := os.OpenFile(logFile, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			return err
+		}
+		w := bufio.NewWriter(f)
+		for i := range lines {
+			fmt.Fprintf(w, "%s upload-app %s line %06d\n", stamp(), batch, i)
+		}
+		if err := w.Flush(); err != nil {
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+		fmt.Printf("logged %d lines to %s\n", lines, logFile)
+	}
+	return nil
+}
+
+func printSums(w io.Writer, dir string) error {
+	var out []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) && p == dir {
+				return fs.SkipDir
+			}
+			return err
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		out = append(out, hex.EncodeToString(h.Sum(nil))+"  "+rel)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	sort.Strings(out)
+	if len(out) > 0 {
+		_, err = fmt.Fprintln(w, strings.Join(out, "\n"))
+	}
+	return err
+}

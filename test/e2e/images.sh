@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the images the e2e tests run, as OCI archives in $RIG/images/e2e/ (imported into containerd by run.sh):
+#  - podkeeper.local/upload-app:e2e: test/e2e/app, the stand-in upload app (one static binary, no base image)
+#  - the agents' images: exactly what `make image` builds from Dockerfile.agents (buildah), exported with
+#    `buildah push ... oci-archive:` — not a separate recipe
+set -euo pipefail
+. "$(dirname "$0")/../cluster/lib.sh"
+OUT=$RIG/images/e2e
+mkdir -p "$OUT"
+cd "$ROOT"
+export CGO_ENABLED=0
+go build -trimpath -ldflags "-s -w" -o "$OUT/upload-app" ./test/e2e/app
+go build -o "$RIG/bin-mkimage" ./test/cluster/mkimage
+"$RIG/bin-mkimage" -bin "$OUT/upload-app" -path /upload-app -out "$OUT/upload-app.tar" podkeeper.local/upload-app:e2e
+rm -f "$OUT/upload-app"
