@@ -371,7 +371,12 @@ func scan(dir, stateRel string) (map[string]localEntry, error) {
 		}
 		rel := filepath.ToSlash(p[len(dir)+1:])
 		if stateRel != "" && rel == stateRel {
-			return filepath.SkipDir
+			// The state dir is not part of the tree; SkipDir on a non-directory
+			// would skip its siblings, so only directories get it.
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
 		}
 		fi, err := d.Info()
 		if err != nil {
