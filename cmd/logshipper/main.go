@@ -1,0 +1,23 @@
+// Command logshipper tails the app's log files and forwards every line
+// at-least-once over the Fluent forward protocol. See README "logshipper".
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+
+	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/logshipper"
+)
+
+func main() {
+	os.Exit(lifecycle.Agent[*logshipper.Config]{
+		Name:    "logshipper",
+		Summary: "tail log files and forward them at-least-once over the Fluent forward protocol",
+		Run: func(ctx context.Context, cfg *logshipper.Config, log *slog.Logger) error {
+			return logshipper.New(cfg, log, events.Log{L: log}, logshipper.Options{}).Run(ctx)
+		},
+	}.Main(&logshipper.Config{}, os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
+}
