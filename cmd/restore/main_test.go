@@ -1,0 +1,378 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+	"github.com/podkeeper/podkeeper/test/peers"
+)
+
+var binPath string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "restore-bin")
+	if err != nil {
+		panic(err)
+	}
+	binPath = filepath.Join(dir, "restore")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", binPath, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build restore: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func runBin(t *testing.T, env []string, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(binPath, args...)
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}, env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		return ee.ExitCode(), out.String(), errb.String()
+	case err != nil:
+		t.Fatal(err)
+	}
+	return 0, out.String(), errb.String()
+}
+
+// Every bad value is reported at once, naming the variable, with exit code 2.
+func TestConfigErrors(t *testing.T) {
+	code, _, stderr := runBin(t, []string{"RESTORE_DIR=relative/dir", "STORE_URL=file:///tmp/x", "RESTORE_CONCURRENCY=0",
+		"RESTORE_SNAPSHOT=yesterday", "RESTORE_MODE=overwrite", "RESTORE_IF_MISSING=maybe", "RESTORE_VERIFY=perhaps", "RESTORE_STATE_DIR=state"})
+	if code != 2 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, v := range []string{"RESTORE_DIR", "RESTORE_CONCURRENCY", "RESTORE_SNAPSHOT", "RESTORE_MODE", "RESTORE_IF_MISSING", "RESTORE_VERIFY", "RESTORE_STATE_DIR", `"yesterday"`} {
+		if !strings.Contains(stderr, v) {
+			t.Errorf("stderr lacks %s:\n%s", v, stderr)
+		}
+	}
+	code, _, stderr = runBin(t, []string{"STORE_URL=file:///tmp/x"})
+	if code != 2 || !strings.Contains(stderr, "RESTORE_DIR") {
+		t.Errorf("missing RESTORE_DIR: exit %d %s", code, stderr)
+	}
+	code, _, stderr = runBin(t, []string{"RESTORE_CONCURRENCY=-1"}, "list")
+	if code != 2 || !strings.Contains(stderr, "STORE_URL") || !strings.Contains(stderr, "RESTORE_CONCURRENCY") {
+		t.Errorf("list without STORE_URL: exit %d %s", code, stderr)
+	}
+	code, _, stderr = runBin(t, []string{"STORE_URL=file://" + t.TempDir()}, "verify", "not-an-id")
+	if code != 1 || !strings.Contains(stderr, "not-an-id") {
+		t.Errorf("verify bad id: exit %d %s", code, stderr)
+	}
+	code, out, _ := runBin(t, nil, "verify", "--help")
+	if code != 0 || !strings.Contains(out, "--deep") {
+		t.Errorf("verify --help: exit %d %s", code, out)
+	}
+}
+
+// Exit codes on a file:// store: 0 with no snapshot under empty, 1 under fail,
+// 0 after a restore; list and verify print what they found.
+func TestExitCodesAndSubcommands(t *testing.T) {
+	storeDir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "data")
+	env := []string{"STORE_URL=file://" + storeDir, "RESTORE_DIR=" + dir}
+	if code, _, stderr := runBin(t, env); code != 0 || !strings.Contains(stderr, "no snapshot") {
+		t.Fatalf("empty store: exit %d %s", code, stderr)
+	}
+	if code, _, stderr := runBin(t, append(env, "RESTORE_IF_MISSING=fail")); code != 1 || !strings.Contains(stderr, "RESTORE_IF_MISSING=fail") {
+		t.Fatalf("empty store, fail: exit %d %s", code, stderr)
+	}
+	// A snapshot written by hand through the file store layout.
+	srv := &fileSnap{t: t, dir: storeDir}
+	id := srv.put(map[string]string{"a.txt": "alpha", "d/b.txt": "beta"})
+	code, _, stderr := runBin(t, env)
+	if code != 0 || !strings.Contains(stderr, `"msg":"restored"`) {
+		t.Fatalf("restore: exit %d %s", code, stderr)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "d/b.txt")); string(b) != "beta" {
+		t.Errorf("d/b.txt = %q", b)
+	}
+	code, out, _ := runBin(t, env, "list")
+	if code != 0 || !strings.Contains(out, id) || !strings.Contains(out, "FILES") {
+		t.Errorf("list: exit %d\n%s", code, out)
+	}
+	code, out, _ = runBin(t, env, "verify", "--deep", id)
+	if code != 0 || !strings.Contains(out, "all 2 files") {
+		t.Errorf("verify: exit %d\n%s", code, out)
+	}
+	os.WriteFile(filepath.Join(storeDir, "data", "d", "b.txt"), []byte("BETA"), 0o644)
+	code, out, _ = runBin(t, env, "verify", "--deep")
+	if code != 1 || !strings.Contains(out, "BAD  d/b.txt") {
+		t.Errorf("verify after damage: exit %d\n%s", code, out)
+	}
+	// A restore of the damaged object fails with exit 1 and names the file.
+	os.Remove(filepath.Join(dir, "d/b.txt"))
+	code, _, stderr = runBin(t, env)
+	if code != 1 || !strings.Contains(stderr, `\"d/b.txt\"`) || !strings.Contains(stderr, "changed after the snapshot") {
+		t.Errorf("damaged restore: exit %d %s", code, stderr)
+	}
+}
+
+type fileSnap struct {
+	t   *testing.T
+	dir string
+}
+
+// put writes a snapshot with the restore binary's sibling layout by using the
+// snapshot package on a file store (no server).
+func (f *fileSnap) put(files map[string]string) string {
+	f.t.Helper()
+	st := openFileStore(f.t, f.dir)
+	m := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(time.Now(), "t"), Created: time.Now().UTC(), Files: []snapshot.File{}}
+	for p, data := range files {
+		h := sha256.Sum256([]byte(data))
+		sf := snapshot.File{Path: p, Size: int64(len(data)), SHA256: hex.EncodeToString(h[:]), MTime: time.Unix(1700000000, 42), Mode: 0o644}
+		putObject(f.t, st, snapshot.DataKey(p), []byte(data), sf.Metadata())
+		m.Files = append(m.Files, sf)
+	}
+	if _, err := snapshot.Write(context.Background(), st, m); err != nil {
+		f.t.Fatal(err)
+	}
+	return m.ID
+}
+
+// SIGKILL in the middle of a restore, then a rerun: it finishes, fetches only
+// what was missing, leaves no temp files, and no file was ever visible under
+// its final name with partial content.
+func TestKillMidRestore(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs S3 peers")
+	}
+	for _, kind := range peers.S3Kinds {
+		t.Run(kind, func(t *testing.T) { testKill(t, kind) })
+	}
+}
+
+func testKill(t *testing.T, kind string) {
+	srv := peers.StartS3(t, kind)
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	const early, late = 60, 40
+	want := map[string][]byte{}
+	for i := range early {
+		want[fmt.Sprintf("a-early/%03d.bin", i)] = bytes.Repeat([]byte{byte(i), 'e'}, 8<<10)
+	}
+	for i := range late {
+		want[fmt.Sprintf("b-late/%03d.bin", i)] = bytes.Repeat([]byte{byte(i), 'l'}, 8<<10)
+	}
+	big := make([]byte, 40<<20)
+	for i := range big {
+		big[i] = byte(i * 7 / 5)
+	}
+	want["c-big/blob"] = big
+	putS3Snapshot(t, srv, "kill", want)
+
+	// Requests for the late files and for the big file's later ranges wait at
+	// a gate: the restore is provably mid-way, with temp files open, when killed.
+	gate := make(chan struct{})
+	var gateOnce sync.Once
+	open := func() { gateOnce.Do(func() { close(gate) }) }
+	defer open()
+	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		if r.Method == http.MethodGet && (strings.Contains(r.URL.Path, "/b-late/") ||
+			strings.Contains(r.URL.Path, "/c-big/") && !strings.HasPrefix(r.Header.Get("Range"), "bytes=0-")) {
+			<-gate
+		}
+		return false
+	})
+
+	dir := filepath.Join(t.TempDir(), "data")
+	env := append(srv.AgentEnv("kill"), "S3_ENDPOINT="+proxy.URL, "RESTORE_DIR="+dir, "RESTORE_CONCURRENCY=4")
+	stopWatch, violations := watchFinalNames(t, dir, want)
+	defer stopWatch()
+
+	p := &peers.Process{Name: "restore", Args: []string{binPath}, Env: env, Dir: t.TempDir(), Log: filepath.Join(t.TempDir(), "restore1.log")}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Stop)
+	tmpDir := filepath.Join(dir, ".podkeeper", "restore-tmp")
+	err := peers.WaitFor(context.Background(), 60*time.Second, func() error {
+		if p.Exited() {
+			return errors.New("restore exited before it could be killed")
+		}
+		done := 0
+		for name := range want {
+			if strings.HasPrefix(name, "a-early/") {
+				if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+					done++
+				}
+			}
+		}
+		ents, _ := os.ReadDir(tmpDir)
+		if done < early || len(ents) < 4 {
+			return fmt.Errorf("%d/%d early files, %d temp files", done, early, len(ents))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p.Tail())
+	}
+	p.Stop() // SIGKILL
+	open()
+	if ents, _ := os.ReadDir(tmpDir); len(ents) == 0 {
+		t.Fatal("no temp files after the kill: the test did not interrupt a download")
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".podkeeper", "restored.json")); !os.IsNotExist(err) {
+		t.Fatalf("restored.json present after a kill: %v", err)
+	}
+	proxy.FailWith(0, nil)
+	proxy.Reset()
+
+	code, _, stderr := runBin(t, env)
+	if code != 0 {
+		t.Fatalf("rerun: exit %d\n%s", code, stderr)
+	}
+	if !strings.Contains(stderr, "removed temp files of an interrupted run") {
+		t.Errorf("rerun did not clear the temp files:\n%s", stderr)
+	}
+	// Only what was missing is fetched again: the late files (plus the manifest)
+	// and the big file's ranges.
+	if got := proxy.Count("GET"); got != late+1 {
+		t.Errorf("rerun made %d GETs, want %d (%v)", got, late+1, proxy.Counts())
+	}
+	if got := proxy.Count("GET-range"); got != 5 {
+		t.Errorf("rerun made %d ranged GETs, want 5", got)
+	}
+	stopWatch()
+	if v := violations(); len(v) > 0 {
+		t.Errorf("partial files seen under final names: %v", v)
+	}
+	for name, data := range want {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil || !bytes.Equal(b, data) {
+			t.Fatalf("%s: %v, %d bytes", name, err, len(b))
+		}
+	}
+	if ents, _ := os.ReadDir(tmpDir); len(ents) != 0 {
+		t.Errorf("temp files left: %v", ents)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".podkeeper", "restored.json")); err != nil {
+		t.Errorf("restored.json: %v", err)
+	}
+}
+
+// watchFinalNames polls dir until stopped and records every file seen under a
+// final name whose size or content is not the complete one.
+func watchFinalNames(t *testing.T, dir string, want map[string][]byte) (stop func(), violations func() []string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var mu sync.Mutex
+	var bad []string
+	checked := map[string]bool{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		peers.WaitFor(ctx, time.Hour, func() error {
+			filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+				if err != nil {
+					return nil
+				}
+				rel, _ := filepath.Rel(dir, p)
+				if rel == ".podkeeper" {
+					return filepath.SkipDir
+				}
+				if d.IsDir() || checked[rel] {
+					return nil
+				}
+				data, ok := want[filepath.ToSlash(rel)]
+				b, rerr := os.ReadFile(p)
+				if rerr != nil {
+					return nil
+				}
+				if !ok || !bytes.Equal(b, data) {
+					mu.Lock()
+					bad = append(bad, fmt.Sprintf("%s (%d of %d bytes)", rel, len(b), len(data)))
+					mu.Unlock()
+				}
+				checked[rel] = true
+				return nil
+			})
+			return errors.New("keep watching")
+		})
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { cancel(); <-done }) }, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), bad...)
+	}
+}
+
+func putS3Snapshot(t *testing.T, srv *peers.S3Server, prefix string, files map[string][]byte) {
+	t.Helper()
+	ctx := context.Background()
+	c := srv.Client()
+	m := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(time.Now(), "kill"), Created: time.Now().UTC(), Files: []snapshot.File{}}
+	sem := make(chan struct{}, 8)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for p, data := range files {
+		h := sha256.Sum256(data)
+		f := snapshot.File{Path: p, Size: int64(len(data)), SHA256: hex.EncodeToString(h[:]), MTime: time.Unix(1700000000, 123), Mode: 0o640}
+		m.Files = append(m.Files, f)
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			_, err := c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/" + snapshot.DataKey(p)),
+				Body: bytes.NewReader(data), Metadata: f.Metadata()})
+			if err != nil {
+				mu.Lock()
+				t.Errorf("put %s: %v", p, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	// Manifest order is download order: early files first.
+	slices.SortFunc(m.Files, func(a, b snapshot.File) int { return strings.Compare(a.Path, b.Path) })
+	var buf bytes.Buffer
+	if err := snapshot.Encode(&buf, m, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/" + snapshot.Key(m.ID, true)), Body: bytes.NewReader(buf.Bytes())}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func openFileStore(t *testing.T, dir string) store.Store {
+	t.Helper()
+	st, err := store.NewFile(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func putObject(t *testing.T, st store.Store, key string, data []byte, meta map[string]string) {
+	t.Helper()
+	if _, err := st.Put(context.Background(), key, bytes.NewReader(data), int64(len(data)), store.PutOptions{Metadata: meta}); err != nil {
+		t.Fatal(err)
+	}
+}
