@@ -1,0 +1,624 @@
+package syncer
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+	"github.com/podkeeper/podkeeper/test/peers"
+)
+
+// TestSyncer runs every scenario on each S3 peer; scenarios share the peer
+// and use their own prefix.
+func TestSyncer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs the S3 peers")
+	}
+	for _, kind := range peers.S3Kinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			srv := peers.StartS3(t, kind)
+			for name, fn := range map[string]func(*testing.T, *peers.S3Server){
+				"watch":                 testWatch,
+				"rename-skips-settle":   testRenameSkipsSettle,
+				"multipart-resume":      testMultipartResume,
+				"restart-after-restore": testRestartAfterRestore,
+				"overflow-rescan":       testOverflowRescan,
+				"lease":                 testLease,
+				"sigterm-drain":         testSIGTERMDrain,
+				"mass-delete-guard":     testMassDeleteGuard,
+			} {
+				t.Run(name, func(t *testing.T) {
+					t.Parallel()
+					fn(t, srv)
+				})
+			}
+		})
+	}
+}
+
+// Nested directories made after start, a tree moved in, rename-into-place,
+// a slow writer pausing for less than the settle time, excluded names and
+// the state directory.
+func testWatch(t *testing.T, srv *peers.S3Server) {
+	dir := t.TempDir()
+	staging := t.TempDir()
+	const prefix = "watch"
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=400ms"), Options{})
+
+	want := map[string][]byte{}
+	put := func(rel string, b []byte) {
+		writeFile(t, filepath.Join(dir, rel), b)
+		want[rel] = b
+	}
+	// mkdir -p then files, at once: the watch on c must exist before its scan.
+	put("a/b/c/deep.txt", []byte("deep"))
+	put("a/top.json", []byte(`{"top":true}`))
+	// A tree built elsewhere and moved in.
+	for i := range 3 {
+		writeFile(t, filepath.Join(staging, "tree", "x", "y", fmt.Sprintf("f%d.bin", i)), randBytes(uint64(i), 1000+i))
+		want[fmt.Sprintf("tree/x/y/f%d.bin", i)] = randBytes(uint64(i), 1000+i)
+	}
+	if err := os.Rename(filepath.Join(staging, "tree"), filepath.Join(dir, "tree")); err != nil {
+		t.Fatal(err)
+	}
+	// Write-then-rename.
+	writeFile(t, filepath.Join(dir, "r.dat.tmp"), []byte("renamed into place"))
+	if err := os.Rename(filepath.Join(dir, "r.dat.tmp"), filepath.Join(dir, "r.dat")); err != nil {
+		t.Fatal(err)
+	}
+	want["r.dat"] = []byte("renamed into place")
+	// Excluded names and the agents' state are never uploaded.
+	for _, rel := range []string{"skip.tmp", "sub/.#lock", "sub/x.swp", "dl.part", "backup~", ".podkeeper/restored.json"} {
+		writeFile(t, filepath.Join(dir, rel), []byte("never"))
+	}
+	// A slow writer: pauses shorter than the settle time.
+	f, err := os.Create(filepath.Join(dir, "slow.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var final []byte
+	for i := range 8 {
+		line := []byte(fmt.Sprintf("line %d %s\n", i, strings.Repeat("x", 100)))
+		if _, err := f.Write(line); err != nil {
+			t.Fatal(err)
+		}
+		final = append(final, line...)
+		select {
+		case <-time.After(120 * time.Millisecond):
+		case <-ctxT(t).Done():
+		}
+	}
+	f.Close()
+	want["slow.log"] = final
+
+	for rel, b := range want {
+		waitObject(t, srv, prefix, rel, b, 30*time.Second)
+	}
+	if err := r.shutdown(t); err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+	finalSum := sha256.Sum256(final)
+	ups := r.uploadsOf("slow.log")
+	if len(ups) == 0 {
+		t.Fatal("slow.log never reported uploaded")
+	}
+	for _, u := range ups {
+		if u.SHA256 != hex.EncodeToString(finalSum[:]) {
+			t.Errorf("slow.log was uploaded as a half-written version (%d bytes, want %d)", u.Size, len(final))
+		}
+	}
+	for _, rel := range []string{"skip.tmp", "sub/.#lock", "sub/x.swp", "dl.part", "backup~", ".podkeeper/restored.json"} {
+		if objectExists(srv, prefix+"/data/"+rel) {
+			t.Errorf("excluded %s was uploaded", rel)
+		}
+	}
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil {
+		t.Fatalf("final snapshot: %v", err)
+	}
+	var got []string
+	for _, f := range m.Files {
+		got = append(got, f.Path)
+	}
+	var exp []string
+	for rel := range want {
+		exp = append(exp, rel)
+	}
+	slices.Sort(exp)
+	if !slices.Equal(got, exp) {
+		t.Errorf("snapshot lists %v\nwant %v", got, exp)
+	}
+	for _, f := range m.Files {
+		if f.Path == "a/top.json" {
+			obj, err := srv.Client().HeadObject(context.Background(), &s3.HeadObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/data/a/top.json")})
+			if err != nil || aws.ToString(obj.ContentType) != "application/json" {
+				t.Errorf("a/top.json content type %q (%v), want application/json", aws.ToString(obj.ContentType), err)
+			}
+		}
+	}
+}
+
+// With a settle time of an hour, only files that appear complete by a
+// rename inside SYNC_DIR (write-then-rename, or a tree staged in the
+// directory and renamed) are uploaded while running; a file written in place
+// waits, and goes at the drain.
+func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
+	dir := t.TempDir()
+	const prefix = "rename"
+	writeFile(t, filepath.Join(dir, "incoming", "sub", "m.txt"), []byte("moved in"))
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1h"), Options{})
+	writeFile(t, filepath.Join(dir, "inplace.txt"), []byte("written in place"))
+	writeFile(t, filepath.Join(dir, "r.dat.tmp"), []byte("renamed"))
+	if err := os.Rename(filepath.Join(dir, "r.dat.tmp"), filepath.Join(dir, "r.dat")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(dir, "incoming"), filepath.Join(dir, "done")); err != nil {
+		t.Fatal(err)
+	}
+	waitObject(t, srv, prefix, "r.dat", []byte("renamed"), 20*time.Second)
+	waitObject(t, srv, prefix, "done/sub/m.txt", []byte("moved in"), 20*time.Second)
+	if n := len(r.uploadsOf("inplace.txt")); n != 0 || objectExists(srv, prefix+"/data/inplace.txt") {
+		t.Fatalf("inplace.txt uploaded %d time(s) before its settle time", n)
+	}
+	if n := len(r.uploadsOf("incoming/sub/m.txt")); n != 0 {
+		t.Fatalf("the staged file was uploaded under its staging name")
+	}
+	if err := r.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	waitObject(t, srv, prefix, "inplace.txt", []byte("written in place"), time.Second)
+}
+
+// A ≥200 MiB file goes multipart; the syncer is SIGKILLed with 4 parts on
+// the server, and the next process uploads only the missing parts.
+func testMultipartResume(t *testing.T, srv *peers.S3Server) {
+	dir := t.TempDir()
+	const prefix = "multipart"
+	const size = 200 << 20
+	const partSize = store.DefaultPartSize
+	const parts = (size + partSize - 1) / partSize
+	big := filepath.Join(dir, "video", "big.bin")
+	chunk := randBytes(42, 1<<20)
+	if err := os.MkdirAll(filepath.Dir(big), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	for i := range size >> 20 {
+		copy(chunk, fmt.Sprintf("MiB %06d", i))
+		f.Write(chunk)
+		h.Write(chunk)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
+		return err == nil && n > 4
+	})
+	env := append(srv.AgentEnv(prefix), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0",
+		"POD_NAME=mp", "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=0")
+	p1 := startBin(t, env)
+	jdir := filepath.Join(dir, ".podkeeper", "multipart")
+	err = peers.WaitFor(context.Background(), 90*time.Second, func() error {
+		js, _ := filepath.Glob(filepath.Join(jdir, "*.json"))
+		if len(js) != 1 {
+			return fmt.Errorf("%d journals", len(js))
+		}
+		j, err := store.LoadJournal(js[0])
+		if err != nil {
+			return err
+		}
+		if j.PartCount() != 4 {
+			return fmt.Errorf("journal has %d parts", j.PartCount())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p1.output())
+	}
+	if err := p1.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	p1.wait(t, 10*time.Second)
+	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/")})
+	if err != nil || len(ups.Uploads) != 1 {
+		t.Fatalf("after SIGKILL: %v uploads in progress (%v), want 1", len(ups.Uploads), err)
+	}
+
+	proxy.FailWith(0, nil)
+	proxy.Reset()
+	p2 := startBin(t, env)
+	p2.waitLog(t, "resuming multipart upload", 30*time.Second)
+	err = peers.WaitFor(context.Background(), 120*time.Second, func() error {
+		out, err := srv.Client().HeadObject(context.Background(), &s3.HeadObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/data/video/big.bin")})
+		if err != nil {
+			return err
+		}
+		if aws.ToInt64(out.ContentLength) != size || out.Metadata["sha256"] != sum {
+			return fmt.Errorf("object is %d bytes, sha256 %q", aws.ToInt64(out.ContentLength), out.Metadata["sha256"])
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p2.output())
+	}
+	if got := proxy.Count("PUT-part"); got != parts-4 {
+		t.Errorf("second process uploaded %d parts, want %d (4 of %d reused)", got, parts-4, parts)
+	}
+	if proxy.Count("LIST-parts") == 0 {
+		t.Error("resume did not check the parts with ListParts")
+	}
+	out, err := srv.Client().GetObject(context.Background(), &s3.GetObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/data/video/big.bin")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gh := sha256.New()
+	n, err := io.Copy(gh, out.Body)
+	out.Body.Close()
+	if err != nil || n != size || hex.EncodeToString(gh.Sum(nil)) != sum {
+		t.Fatalf("object content: %d bytes, err %v, sha256 match %v", n, err, hex.EncodeToString(gh.Sum(nil)) == sum)
+	}
+	if err := p2.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := p2.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, p2.output())
+	}
+	if js, _ := filepath.Glob(filepath.Join(jdir, "*.json")); len(js) != 0 {
+		t.Errorf("journals left after the upload: %v", js)
+	}
+	ups, err = srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/")})
+	if err != nil || len(ups.Uploads) != 0 {
+		t.Errorf("multipart uploads left: %d (%v)", len(ups.Uploads), err)
+	}
+}
+
+// After a restore (files with the snapshot's exact mtimes and modes), a new
+// syncer uploads nothing; changing one file uploads exactly that file.
+func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
+	const prefix = "restart"
+	dir1 := t.TempDir()
+	for i := range 12 {
+		writeFile(t, filepath.Join(dir1, fmt.Sprintf("d%d/f%02d.txt", i%3, i)), randBytes(uint64(100+i), 500+i*37))
+		if i%4 == 0 {
+			os.Chmod(filepath.Join(dir1, fmt.Sprintf("d%d/f%02d.txt", i%3, i)), 0o600)
+		}
+	}
+	r1 := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir1, "SYNC_SETTLE=100ms"), Options{})
+	if err := r1.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	st := s3Store(t, srv, prefix)
+	m, err := latestSnapshot(t, st)
+	if err != nil || len(m.Files) != 12 {
+		t.Fatalf("first snapshot: %v, %v", m, err)
+	}
+
+	// What restore does: content, mode and the exact mtime of each entry.
+	dir2 := t.TempDir()
+	for _, f := range m.Files {
+		b, _, err := getObject(context.Background(), srv, prefix+"/data/"+f.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir2, filepath.FromSlash(f.Path))
+		writeFile(t, p, b)
+		if err := os.Chmod(p, os.FileMode(f.Mode)); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, f.MTime, f.MTime); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeFile(t, filepath.Join(dir2, ".podkeeper", "restored.json"), []byte(`{"snapshot":"`+m.ID+`"}`))
+
+	kc := newKeyCounter(t, srv.Endpoint)
+	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms"), Options{})
+	if err := r2.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	if w := kc.writes("data/"); len(w) != 0 {
+		t.Errorf("restart after restore uploaded data: %v", w)
+	}
+	if w := kc.writes("snapshots/"); len(w) != 0 {
+		t.Errorf("restart after restore wrote a snapshot although nothing changed: %v", w)
+	}
+	if len(kc.writes("lease.json")) == 0 {
+		t.Error("the counter saw no lease write: it does not see the syncer's traffic")
+	}
+
+	// The counter can fail: one changed file is one upload.
+	changed := filepath.Join(dir2, "d1/f01.txt")
+	writeFile(t, changed, []byte("changed after the restore"))
+	kc2 := newKeyCounter(t, srv.Endpoint)
+	r3 := startSyncer(t, testConfig(t, srv, kc2.URL, prefix, dir2, "SYNC_SETTLE=100ms"), Options{})
+	if err := r3.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	if w := kc2.writes("data/"); !slices.Equal(w, []string{"PUT " + prefix + "/data/d1/f01.txt x1"}) {
+		t.Errorf("after changing one file the syncer wrote %v", w)
+	}
+}
+
+// Events lost to an inotify queue overflow are recovered by a rescan.
+func testOverflowRescan(t *testing.T, srv *peers.S3Server) {
+	b, err := os.ReadFile("/proc/sys/fs/inotify/max_queued_events")
+	if err != nil {
+		t.Fatalf("inotify queue size: %v", err)
+	}
+	queue, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || queue > 200000 {
+		t.Fatalf("max_queued_events %q: too large to overflow in a test", b)
+	}
+	dir := t.TempDir()
+	const prefix = "overflow"
+	if err := os.Mkdir(filepath.Join(dir, "junk"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms"), Options{})
+	// Stop the loop from reading events, so the kernel queue fills up as in a
+	// burst the syncer cannot keep up with.
+	r.s.eventGate.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			r.s.eventGate.Unlock()
+		}
+	}()
+	// Excluded names: the overflow is the point, not their upload. fsnotify
+	// buffers up to 64 KiB of events on top of the kernel queue.
+	for i := range queue + 5000 {
+		f, err := os.Create(filepath.Join(dir, "junk", fmt.Sprintf("j%06d.tmp", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	for i := range 3 {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("real-%d.txt", i)), []byte(fmt.Sprintf("real %d", i)))
+	}
+	r.s.eventGate.Unlock()
+	locked = false
+	for i := range 3 {
+		waitObject(t, srv, prefix, fmt.Sprintf("real-%d.txt", i), []byte(fmt.Sprintf("real %d", i)), 60*time.Second)
+	}
+	if n := gaugeValue(r.s.health, "podkeeper_syncer_rescans_total"); n < 1 {
+		t.Errorf("rescans_total = %v, want ≥ 1", n)
+	}
+}
+
+// A second syncer on a prefix exits 1 naming the holder; a pod with the same
+// name takes the lease over after a SIGKILL; SIGTERM releases it.
+func testLease(t *testing.T, srv *peers.S3Server) {
+	const prefix = "lease"
+	base := append(srv.AgentEnv(prefix), "SYNC_HTTP_ADDR=127.0.0.1:0", "SYNC_SETTLE=100ms")
+	a := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	a.waitLog(t, "msg=watching", 30*time.Second)
+	a.cmd.Process.Signal(syscall.SIGKILL)
+	a.wait(t, 10*time.Second)
+	if !objectExists(srv, prefix+"/lease.json") {
+		t.Fatal("no lease.json while pod-a held the prefix")
+	}
+
+	b := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-b"))
+	if code := b.wait(t, 30*time.Second); code != 1 {
+		t.Fatalf("second syncer: exit %d, want 1\n%s", code, b.output())
+	}
+	out := b.output()
+	if !strings.Contains(out, "pod-a") || !strings.Contains(out, "LeaseConflict") {
+		t.Errorf("second syncer's output does not name the holder pod-a or the LeaseConflict event:\n%s", out)
+	}
+
+	a2 := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	a2.waitLog(t, "msg=watching", 30*time.Second)
+	if !strings.Contains(a2.output(), "taking over lease") {
+		t.Errorf("pod-a did not say it took the lease over:\n%s", a2.output())
+	}
+	a2.cmd.Process.Signal(syscall.SIGTERM)
+	if code := a2.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, a2.output())
+	}
+	if objectExists(srv, prefix+"/lease.json") {
+		t.Error("lease.json still there after a clean shutdown")
+	}
+}
+
+// SIGTERM uploads what is pending (settle time of an hour: nothing went
+// before), writes the final snapshot, releases the lease and exits 0. With
+// S3 refusing writes, the drain ends at SYNC_SHUTDOWN_TIMEOUT with exit 1
+// naming what was left.
+func testSIGTERMDrain(t *testing.T, srv *peers.S3Server) {
+	const prefix = "drain"
+	dir := t.TempDir()
+	p := startBin(t, append(srv.AgentEnv(prefix), "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0", "POD_NAME=drain",
+		"SYNC_SETTLE=1h", "SYNC_SNAPSHOT_INTERVAL=0"))
+	p.waitLog(t, "msg=watching", 30*time.Second)
+	want := map[string][]byte{}
+	for i := range 30 {
+		rel := fmt.Sprintf("batch/%02d.dat", i)
+		want[rel] = randBytes(uint64(i), 2000+i)
+		writeFile(t, filepath.Join(dir, rel), want[rel])
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := p.wait(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM\n%s", code, p.output())
+	}
+	for rel, b := range want {
+		waitObject(t, srv, prefix, rel, b, time.Second)
+	}
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil {
+		t.Fatalf("no final snapshot: %v", err)
+	}
+	if len(m.Files) != len(want) {
+		t.Errorf("final snapshot lists %d files, want %d", len(m.Files), len(want))
+	}
+	for _, f := range m.Files {
+		if _, ok := want[f.Path]; !ok {
+			t.Errorf("final snapshot lists %s", f.Path)
+		}
+	}
+	if objectExists(srv, prefix+"/lease.json") {
+		t.Error("lease not released")
+	}
+
+	// Past the timeout: exit 1 and the list of what was left.
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	dir2 := t.TempDir()
+	q := startBin(t, append(srv.AgentEnv(prefix+"-timeout"), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir2, "SYNC_HTTP_ADDR=off",
+		"POD_NAME=drain2", "SYNC_SETTLE=1h", "SYNC_SHUTDOWN_TIMEOUT=2s"))
+	q.waitLog(t, "msg=watching", 30*time.Second)
+	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/data/")
+	})
+	writeFile(t, filepath.Join(dir2, "stuck.txt"), []byte("S3 refuses this"))
+	q.cmd.Process.Signal(syscall.SIGTERM)
+	if code := q.wait(t, 30*time.Second); code != 1 {
+		t.Fatalf("exit %d past SYNC_SHUTDOWN_TIMEOUT, want 1\n%s", code, q.output())
+	}
+	if !strings.Contains(q.output(), "stuck.txt") || !strings.Contains(q.output(), "SYNC_SHUTDOWN_TIMEOUT") {
+		t.Errorf("the exit does not name what was left:\n%s", q.output())
+	}
+}
+
+// A snapshot that would drop more than half of the files is held back, with
+// a metric and an event, until the state changes.
+func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
+	const prefix = "guard"
+	dir := t.TempDir()
+	for i := range 10 {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("f%d.txt", i)), []byte(fmt.Sprintf("file %d", i)))
+	}
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"), Options{})
+	st := s3Store(t, srv, prefix)
+	snapWith := func(n int) error {
+		return peers.WaitFor(context.Background(), 30*time.Second, func() error {
+			m, err := latestSnapshot(t, st)
+			if err != nil {
+				return err
+			}
+			if len(m.Files) != n {
+				return fmt.Errorf("latest snapshot %s lists %d files, want %d", m.ID, len(m.Files), n)
+			}
+			return nil
+		})
+	}
+	if err := snapWith(10); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 8 {
+		os.Remove(filepath.Join(dir, fmt.Sprintf("f%d.txt", i)))
+	}
+	err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		if gaugeValue(r.s.health, "podkeeper_syncer_mass_delete_blocked") != 1 || !r.rec.has("MassDeleteBlocked") {
+			return fmt.Errorf("guard not reported")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := latestSnapshot(t, st); err != nil || len(m.Files) != 10 {
+		t.Fatalf("a snapshot dropping 8 of 10 files was written: %v %v", m, err)
+	}
+	// Four come back: 6 of 10 present drops 4, within the guard.
+	for i := range 4 {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("f%d.txt", i)), []byte(fmt.Sprintf("file %d again", i)))
+	}
+	if err := snapWith(6); err != nil {
+		t.Fatal(err)
+	}
+	if v := gaugeValue(r.s.health, "podkeeper_syncer_mass_delete_blocked"); v != 0 {
+		t.Errorf("mass_delete_blocked = %v after the state changed", v)
+	}
+	if m, _ := latestSnapshot(t, st); m != nil {
+		for _, f := range m.Files {
+			if _, _, err := snapshot.HashFile(filepath.Join(dir, f.Path)); err != nil {
+				t.Errorf("snapshot lists %s which is gone", f.Path)
+			}
+		}
+	}
+}
+
+// S3 is stopped for 10 s while files keep coming; everything arrives after
+// the restart.
+func TestOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs the S3 peers")
+	}
+	for _, kind := range peers.S3Kinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			srv := peers.StartS3(t, kind)
+			const prefix = "outage"
+			dir := t.TempDir()
+			r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=500ms"), Options{})
+			want := map[string][]byte{}
+			n := 0
+			add := func() {
+				rel := fmt.Sprintf("o/%03d.bin", n)
+				want[rel] = randBytes(uint64(n), 3000+n)
+				writeFile(t, filepath.Join(dir, rel), want[rel])
+				n++
+			}
+			for range 10 {
+				add()
+			}
+			waitObject(t, srv, prefix, "o/000.bin", want["o/000.bin"], 30*time.Second)
+			srv.Stop()
+			tick := time.NewTicker(250 * time.Millisecond)
+			outage := time.NewTimer(10 * time.Second)
+		during:
+			for {
+				select {
+				case <-tick.C:
+					add()
+				case <-outage.C:
+					break during
+				}
+			}
+			tick.Stop()
+			srv.Restart(t)
+			for range 10 {
+				add()
+			}
+			for rel, b := range want {
+				waitObject(t, srv, prefix, rel, b, 90*time.Second)
+			}
+			if err := r.shutdown(t); err != nil {
+				t.Fatal(err)
+			}
+			m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+			if err != nil || len(m.Files) != len(want) {
+				t.Fatalf("final snapshot: %d files (%v), want %d", len(m.Files), err, len(want))
+			}
+			if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 {
+				t.Error("no retries counted: the outage did not hit an upload")
+			}
+		})
+	}
+}
