@@ -244,7 +244,7 @@ func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 		t.Fatal(err)
 	}
 	p1.wait(t, 10*time.Second)
-	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/")})
+	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/data/video/big.bin")})
 	if err != nil || len(ups.Uploads) != 1 {
 		t.Fatalf("after SIGKILL: %v uploads in progress (%v), want 1", len(ups.Uploads), err)
 	}
@@ -291,7 +291,7 @@ func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	if js, _ := filepath.Glob(filepath.Join(jdir, "*.json")); len(js) != 0 {
 		t.Errorf("journals left after the upload: %v", js)
 	}
-	ups, err = srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/")})
+	ups, err = srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/data/video/big.bin")})
 	if err != nil || len(ups.Uploads) != 0 {
 		t.Errorf("multipart uploads left: %d (%v)", len(ups.Uploads), err)
 	}

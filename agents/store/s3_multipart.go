@@ -163,12 +163,29 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 		return ObjectInfo{}, &Error{Op: "multipart", Key: key, Err: fmt.Errorf("%d bytes need %d parts of %d bytes; S3 allows 10000", size, nparts, o.PartSize)}
 	}
 
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	// A failed part stops new parts from starting but lets the ones in flight
+	// finish: cancelling them would throw away work a retry then repeats, and
+	// on a slow link a fast-failing part could starve the others forever.
+	var (
+		wg       sync.WaitGroup
+		saveMu   sync.Mutex
+		errMu    sync.Mutex
+		firstErr error
+	)
+	fail := func(err error) {
+		errMu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		errMu.Unlock()
+	}
+	failed := func() bool {
+		errMu.Lock()
+		defer errMu.Unlock()
+		return firstErr != nil
+	}
 	sem := make(chan struct{}, o.Concurrency)
-	var wg sync.WaitGroup
-	var saveMu sync.Mutex
-	for n := int32(1); n <= nparts; n++ {
+	for n := int32(1); n <= nparts && !failed(); n++ {
 		j.mu.Lock()
 		_, done := j.Parts[n]
 		j.mu.Unlock()
@@ -178,8 +195,11 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
+			fail(ctx.Err())
+			continue
 		}
-		if ctx.Err() != nil {
+		if failed() {
+			<-sem
 			break
 		}
 		wg.Add(1)
@@ -193,7 +213,7 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 				PartNumber: aws.Int32(n), Body: io.NewSectionReader(f, off, length), ContentLength: aws.Int64(length),
 			})
 			if err != nil {
-				cancel(ClassifyS3("upload part", key, err))
+				fail(ClassifyS3("upload part", key, err))
 				return
 			}
 			j.setPart(n, aws.ToString(out.ETag))
@@ -201,7 +221,7 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 			err = persist()
 			saveMu.Unlock()
 			if err != nil {
-				cancel(err)
+				fail(err)
 				return
 			}
 			if o.PartDone != nil {
@@ -210,12 +230,12 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 		}(n)
 	}
 	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
+	if firstErr != nil {
 		var se *Error
-		if errors.As(err, &se) {
-			return ObjectInfo{}, err
+		if errors.As(firstErr, &se) {
+			return ObjectInfo{}, firstErr
 		}
-		return ObjectInfo{}, &Error{Op: "multipart", Key: key, Err: err}
+		return ObjectInfo{}, &Error{Op: "multipart", Key: key, Err: firstErr}
 	}
 
 	j.mu.Lock()
