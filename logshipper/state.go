@@ -217,6 +217,8 @@ func (st *state) seq() uint64 {
 // fsync: it survives a crash of the process; the state dir is an emptyDir,
 // which does not outlive the node anyway.
 func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
+	b.CRC = crc32.ChecksumIEEE(b.frame)
+	b.Size = len(b.frame)
 	for {
 		st.mu.Lock()
 		full := st.bytes > 0 && st.bytes+int64(b.Size) > st.max
@@ -235,8 +237,6 @@ func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
 		case <-timeAfter(waitRescan):
 		}
 	}
-	b.CRC = crc32.ChecksumIEEE(b.frame)
-	b.Size = len(b.frame)
 	head, err := json.Marshal(b.batchMeta)
 	if err != nil {
 		return err

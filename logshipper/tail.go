@@ -78,6 +78,8 @@ type tailer struct {
 	forget     []fileID
 	readBuf    []byte
 	now        time.Time
+
+	pauseLogged time.Time
 }
 
 func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, st *state, enc *encoder, resume map[fileID]position) (*tailer, error) {
@@ -492,31 +494,53 @@ func (t *tailer) process(tf *tailFile, data []byte) error {
 			break
 		}
 		line := bytes.TrimSuffix(tf.buf[start:start+i], []byte{'\r'})
+		lineStart := base + int64(start)
 		start += i + 1
+		for len(line) > t.cfg.MaxLineBytes {
+			cut := runeCut(line, t.cfg.MaxLineBytes)
+			if err := t.piece(tf, line[:cut], lineStart, lineStart+int64(cut)); err != nil {
+				return err
+			}
+			line, lineStart = line[cut:], lineStart+int64(cut)
+		}
 		if err := t.line(tf, line, base+int64(start)); err != nil {
 			return err
 		}
 	}
+	// An unfinished line that is already too long is split now, so memory stays
+	// bounded by LOGSHIP_MAX_LINE_BYTES whatever the app writes.
 	for len(tf.buf)-start >= t.cfg.MaxLineBytes {
-		cut := t.cfg.MaxLineBytes
-		for k := 0; k < utf8.UTFMax && cut > 1 && !utf8.RuneStart(tf.buf[start+cut]); k++ {
-			cut-- // keep a character whole
-		}
-		piece := tf.buf[start : start+cut]
-		if tf.partN == 0 {
-			tf.partID = strconv.FormatUint(tf.id.Ino, 16) + "-" + strconv.FormatInt(base+int64(start), 10)
-			if err := t.flushGroup(tf); err != nil {
-				return err
-			}
-		}
+		cut := runeCut(tf.buf[start:], t.cfg.MaxLineBytes)
+		at := base + int64(start)
 		start += cut
-		tf.partN++
-		if err := t.emit(tf, piece, base+int64(start), &partial{id: tf.partID, ordinal: tf.partN}); err != nil {
+		if err := t.piece(tf, tf.buf[start-cut:start], at, base+int64(start)); err != nil {
 			return err
 		}
 	}
 	tf.buf = append(tf.buf[:0], tf.buf[start:]...)
 	return nil
+}
+
+// runeCut returns where to cut b at most max bytes in without splitting a
+// UTF-8 character.
+func runeCut(b []byte, max int) int {
+	cut := max
+	for k := 0; k < utf8.UTFMax && cut > 1 && cut < len(b) && !utf8.RuneStart(b[cut]); k++ {
+		cut--
+	}
+	return cut
+}
+
+// piece emits a non-final piece of a long line starting at file offset at.
+func (t *tailer) piece(tf *tailFile, p []byte, at, end int64) error {
+	if tf.partN == 0 {
+		if err := t.flushGroup(tf); err != nil {
+			return err
+		}
+		tf.partID = strconv.FormatUint(tf.id.Ino, 16) + "-" + strconv.FormatInt(at, 10)
+	}
+	tf.partN++
+	return t.emit(tf, p, end, &partial{id: tf.partID, ordinal: tf.partN})
 }
 
 // line handles one complete line ending at file offset end.
@@ -597,16 +621,18 @@ func (t *tailer) seal() error {
 		func(_ int, err error, _ time.Duration) { t.log.Warn("cannot spool batch; retrying", "err", err) },
 		func(ctx context.Context) error {
 			return t.st.add(ctx, b, func() {
-				if !paused {
-					paused = true
+				if !paused && time.Since(t.pauseLogged) > time.Minute {
+					// Once a minute: during an outage every batch waits here.
+					t.pauseLogged = time.Now()
 					t.log.Info("buffer full: reading paused until the receiver catches up", "max_bytes", t.cfg.BufferMaxBytes)
 				}
+				paused = true
 				t.now = time.Now()
 				t.scan()
 			})
 		})
 	if paused {
-		t.log.Info("reading resumed")
+		t.log.Debug("reading resumed")
 	}
 	_, _, buffered := t.st.pending()
 	t.m.buffer.Set(float64(buffered))

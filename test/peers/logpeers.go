@@ -57,6 +57,7 @@ func StartOtelFwd(t testing.TB) *LogReceiver {
 exporters:
   file:
     path: %s
+    append: true
     flush_interval: 50ms
 service:
   telemetry:
@@ -129,7 +130,8 @@ func (r *LogReceiver) startAndWait(t testing.TB) {
 	}
 }
 
-// Restart starts a stopped receiver again on the same port and output file.
+// Restart starts a stopped receiver again on the same port, appending to the
+// same output file.
 func (r *LogReceiver) Restart(t testing.TB) {
 	t.Helper()
 	r.startAndWait(t)

@@ -1,0 +1,144 @@
+package logshipper
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/health"
+)
+
+// testTailer is a tailer whose records land as JSON lines in enc.buf, driven
+// step by step (no goroutines, no timing).
+func testTailer(t *testing.T, dir string, resume map[fileID]position) (*tailer, *encoder) {
+	t.Helper()
+	cfg := &Config{Paths: []string{filepath.Join(dir, "*.log")}, BatchRecords: 1 << 30, BatchBytes: 1 << 30,
+		MaxLineBytes: 1 << 20, StartAt: "beginning", Output: "stdout", BufferMaxBytes: 1 << 30}
+	st, _, err := openState(t.TempDir(), cfg.BufferMaxBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc := &encoder{jsonOut: true}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tl, err := newTailer(cfg, log, newMetrics(health.New("logshipper")), events.Nop{}, st, enc, resume)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tl.ctx = context.Background()
+	t.Cleanup(func() { tl.watcher.Close() })
+	return tl, enc
+}
+
+func logsOf(t *testing.T, enc *encoder) []string {
+	var out []string
+	for _, l := range strings.Split(strings.TrimSpace(string(enc.buf)), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m["log"].(string))
+	}
+	return out
+}
+
+func appendLines(t *testing.T, path string, from, to int) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for i := from; i < to; i++ {
+		fmt.Fprintf(f, "line %05d of the application log\n", i)
+	}
+}
+
+func readAll(t *testing.T, tl *tailer) {
+	for _, tf := range tl.files {
+		if _, err := tl.readFile(tf); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// copytruncate while lines are still unread: they are taken from the copy.
+func TestCopyTruncateReadsTheCopy(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "app.log")
+	appendLines(t, path, 0, 100)
+	tl, enc := testTailer(t, dir, nil)
+	tl.scan()
+	readAll(t, tl)
+	appendLines(t, path, 100, 150) // not read yet
+	data, _ := os.ReadFile(path)
+	os.WriteFile(path+".1", data, 0o644)
+	os.Truncate(path, 0)
+	appendLines(t, path, 150, 160)
+	readAll(t, tl)
+	got := logsOf(t, enc)
+	if len(got) != 160 {
+		t.Fatalf("got %d lines, want 160", len(got))
+	}
+	for i, l := range got {
+		if want := fmt.Sprintf("line %05d of the application log", i); l != want {
+			t.Fatalf("line %d = %q, want %q", i, l, want)
+		}
+	}
+}
+
+// A checkpoint for the same inode but other content (inode reuse) is ignored.
+func TestInodeReuseIsNotResumed(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "app.log")
+	appendLines(t, path, 0, 10)
+	fi, _ := os.Stat(path)
+	id := statID(fi)
+	stale := position{Dev: id.Dev, Ino: id.Ino, FP: "0123456789abcdef01234567", FPLen: 64, Offset: 200, Path: path}
+	tl, enc := testTailer(t, dir, map[fileID]position{id: stale})
+	tl.scan()
+	readAll(t, tl)
+	if got := logsOf(t, enc); len(got) != 10 {
+		t.Fatalf("got %d lines, want all 10 (the checkpoint belongs to another file)", len(got))
+	}
+
+	// The same file with its real fingerprint resumes where it was.
+	tf := tl.files[id]
+	good := position{Dev: id.Dev, Ino: id.Ino, FP: tf.fp, FPLen: tf.fpLen, Offset: tf.off, Path: path}
+	appendLines(t, path, 10, 12)
+	tl2, enc2 := testTailer(t, dir, map[fileID]position{id: good})
+	tl2.scan()
+	readAll(t, tl2)
+	if got := logsOf(t, enc2); len(got) != 2 || got[0] != "line 00010 of the application log" {
+		t.Fatalf("resumed to %q, want lines 10 and 11", got)
+	}
+}
+
+// A line longer than the limit becomes flagged pieces that join back to it.
+func TestLongLineSplitPieces(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "app.log")
+	long := strings.Repeat("é", 700) // 1400 bytes of 2-byte characters
+	os.WriteFile(path, []byte("short\n"+long+"\nafter\n"), 0o644)
+	tl, enc := testTailer(t, dir, nil)
+	tl.cfg.MaxLineBytes = 501
+	tl.scan()
+	readAll(t, tl)
+	got := logsOf(t, enc)
+	if len(got) != 5 || got[0] != "short" || got[4] != "after" || got[1]+got[2]+got[3] != long {
+		t.Fatalf("pieces %d: %q", len(got), got)
+	}
+	for _, p := range got[1:4] {
+		if len(p) > 501 || !strings.HasPrefix(p, "é") {
+			t.Fatalf("piece of %d bytes splits a character or exceeds the limit", len(p))
+		}
+	}
+}
