@@ -72,7 +72,7 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		}
 		c.Paths = clean
 	}
-	if c.Output == "forward" && !errs.Has("FLUENT_ADDR") {
+	if c.Output != "stdout" && !errs.Has("FLUENT_ADDR") {
 		if err := checkAddr(c.FluentAddr); err != nil {
 			errs.Add("FLUENT_ADDR", c.FluentAddr, "%v", err)
 		}

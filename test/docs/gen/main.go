@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/logshipper"
 	"github.com/podkeeper/podkeeper/restore"
 	"github.com/podkeeper/podkeeper/syncer"
 	"github.com/podkeeper/podkeeper/test/docs"
@@ -19,6 +20,7 @@ var tables = []docs.Table{
 	}{}},
 	{Name: "syncer", Config: &syncer.Config{}},
 	{Name: "restore", Config: &restore.Config{}},
+	{Name: "logshipper", Config: &logshipper.Config{}},
 }
 
 func main() {
