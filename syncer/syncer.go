@@ -81,6 +81,9 @@ type Syncer struct {
 	guardBlocked bool
 	draining     bool
 	renameHint   bool
+	// rescanAt is set when a watch could not be added: the tree is walked
+	// again then, so a directory without a watch is still covered.
+	rescanAt time.Time
 
 	jobs    chan job
 	results chan result
@@ -112,6 +115,7 @@ type pend struct {
 	queued    bool
 	failures  int
 	immediate bool // appeared by rename: no settle period
+	removed   bool // deleted while its upload was in flight
 }
 
 type job struct {
@@ -484,6 +488,7 @@ func (s *Syncer) touch(rel string, st fileStat, now time.Time, immediate bool) {
 	p.gen++
 	p.stat = st
 	p.immediate = immediate
+	p.removed = false
 	if immediate || s.draining {
 		p.due = now
 	} else {
@@ -501,7 +506,11 @@ func (s *Syncer) gone(rel string) {
 		}
 	}
 	for k, p := range s.pending {
-		if drop(k) && !p.inflight {
+		switch {
+		case !drop(k):
+		case p.inflight:
+			p.removed = true
+		default:
 			delete(s.pending, k)
 		}
 	}
@@ -557,7 +566,8 @@ func (s *Syncer) handleEvent(ev fsnotify.Event, now time.Time) {
 			// A directory renamed into the tree is complete; one just made is
 			// about to be filled and its files settle as usual.
 			if err := s.scanTree(ev.Name, now, hint, nil); err != nil {
-				s.log.Error("cannot watch new directory; rescanning later", "dir", ev.Name, "err", err)
+				s.log.Error("cannot watch new directory; rescanning every 30s until it can", "dir", ev.Name, "err", err)
+				s.rescanAt = now.Add(30 * time.Second)
 			}
 		}
 		return
@@ -622,7 +632,8 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 				s.log.Warn("watch error, rescanning the whole tree", "err", err)
 			}
 			if err := s.rescan(time.Now(), true); err != nil {
-				s.log.Error("rescan failed", "err", err)
+				s.log.Error("rescan failed; retrying in 30s", "err", err)
+				s.rescanAt = time.Now().Add(30 * time.Second)
 			}
 		case <-timer.C:
 		case r := <-s.results:
@@ -639,6 +650,13 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 			return err
 		case <-tick.C:
 			s.health.Beat()
+			if !s.rescanAt.IsZero() && time.Now().After(s.rescanAt) {
+				s.rescanAt = time.Time{}
+				if err := s.rescan(time.Now(), true); err != nil {
+					s.log.Error("rescan failed; retrying in 30s", "err", err)
+					s.rescanAt = time.Now().Add(30 * time.Second)
+				}
+			}
 			lastBacklog = s.backlog(ctx, time.Now(), lastBacklog)
 		case <-done:
 			done = nil
@@ -795,7 +813,7 @@ func (s *Syncer) handleResult(r result, now time.Time) {
 		p.inflight = false
 	}
 	switch {
-	case r.gone:
+	case r.gone || (p != nil && p.removed):
 		delete(s.pending, r.rel)
 		s.gone(r.rel)
 	case r.skipped:
