@@ -3,8 +3,9 @@
 // every action the tests need inside a Pod is a subcommand run with `kubectl exec`:
 //
 //	upload-app run                 the app container: prints what it finds in the data dir
-//	                               (proof that restore ran before it), optionally writes a
-//	                               batch (APP_FILES, APP_LINES...), then waits for SIGTERM
+//	                               (proof that restore ran before it) and the status of the
+//	                               URLs in APP_CHECK_READY (the sidecars' /readyz), optionally
+//	                               writes a batch (APP_FILES, APP_LINES...), then waits for SIGTERM
 //	upload-app write [flags]       write N files (nested, one large) and M log lines, print sums
 //	upload-app sums [-dir D]       sha256 of every file under D, sorted: "SUM  PATH"
 //	upload-app pause               block until SIGTERM/SIGINT (the pod sandbox image)
@@ -23,6 +24,7 @@ import (
 	"io"
 	"io/fs"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -101,6 +103,13 @@ func run() error {
 		return err
 	}
 	fmt.Println("end of files present at start")
+	// The sidecars must be ready before the app starts; the app, sharing the Pod's network, sees
+	// their readiness endpoints exactly as it is at its own start.
+	for _, u := range strings.Split(os.Getenv("APP_CHECK_READY"), ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			fmt.Printf("%s at app start %s: %s\n", stamp(), u, probe(u))
+		}
+	}
 	if n, m := envInt("APP_FILES", 0), envInt("APP_LINES", 0); n > 0 || m > 0 {
 		if err := write(dir, env("APP_LOG_FILE", "/logs/app.log"), n, envInt("APP_LARGE_KIB", 0), m, env("APP_BATCH", "start")); err != nil {
 			return err
@@ -111,6 +120,16 @@ func run() error {
 	}
 	waitSignal("app")
 	return nil
+}
+
+func probe(url string) string {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return "error " + err.Error()
+	}
+	resp.Body.Close()
+	return "status " + strconv.Itoa(resp.StatusCode)
 }
 
 func writeCmd(args []string) error {
