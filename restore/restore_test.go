@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -401,10 +403,16 @@ func testOutage(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/data/")
 	})
 	done := make(chan error, 1)
-	go func() { _, _, err := tg.run(t, dir); done <- err }()
+	logs := &syncBuffer{}
+	r := New(tg.cfg(t, dir), tg.st, Options{Log: slog.New(slog.NewTextHandler(logs, nil)), ProgressEvery: 30 * time.Millisecond})
+	go func() { _, err := r.Run(context.Background()); done <- err }()
 	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 		if n := proxy.Count("GET"); n < 3*len(files) {
 			return errors.New("waiting for the restore to retry through the outage")
+		}
+		// The periodic progress line reports while it waits.
+		if !strings.Contains(logs.String(), "msg=progress files=0 files_total=6") {
+			return errors.New("no progress line yet")
 		}
 		return nil
 	}); err != nil {
@@ -420,6 +428,26 @@ func testOutage(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		t.Fatal(err)
 	}
 	assertTree(t, dir, files)
+	if out := logs.String(); !strings.Contains(out, "download failed, retrying") || !strings.Contains(out, "msg=restored") {
+		t.Errorf("log lacks the retries or the summary:\n%s", out)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func testListVerify(t *testing.T, tg *target) {
