@@ -24,8 +24,9 @@ import (
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
-// TestSyncer runs every scenario on each S3 peer; scenarios share the peer
-// and use their own prefix.
+// TestSyncer runs every scenario on each S3 peer: the scenarios share the
+// peer, in parallel, each on its own prefix; the outage, which stops the
+// peer, runs after them.
 func TestSyncer(t *testing.T) {
 	if testing.Short() {
 		t.Skip("needs the S3 peers")
@@ -34,21 +35,24 @@ func TestSyncer(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
 			srv := peers.StartS3(t, kind)
-			for name, fn := range map[string]func(*testing.T, *peers.S3Server){
-				"watch":                 testWatch,
-				"rename-skips-settle":   testRenameSkipsSettle,
-				"multipart-resume":      testMultipartResume,
-				"restart-after-restore": testRestartAfterRestore,
-				"overflow-rescan":       testOverflowRescan,
-				"lease":                 testLease,
-				"sigterm-drain":         testSIGTERMDrain,
-				"mass-delete-guard":     testMassDeleteGuard,
-			} {
-				t.Run(name, func(t *testing.T) {
-					t.Parallel()
-					fn(t, srv)
-				})
-			}
+			t.Run("shared", func(t *testing.T) {
+				for name, fn := range map[string]func(*testing.T, *peers.S3Server){
+					"watch":                 testWatch,
+					"rename-skips-settle":   testRenameSkipsSettle,
+					"multipart-resume":      testMultipartResume,
+					"restart-after-restore": testRestartAfterRestore,
+					"overflow-rescan":       testOverflowRescan,
+					"lease":                 testLease,
+					"sigterm-drain":         testSIGTERMDrain,
+					"mass-delete-guard":     testMassDeleteGuard,
+				} {
+					t.Run(name, func(t *testing.T) {
+						t.Parallel()
+						fn(t, srv)
+					})
+				}
+			})
+			t.Run("outage", func(t *testing.T) { testOutage(t, srv) })
 		})
 	}
 }
@@ -566,59 +570,50 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 
 // S3 is stopped for 10 s while files keep coming; everything arrives after
 // the restart.
-func TestOutage(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs the S3 peers")
+func testOutage(t *testing.T, srv *peers.S3Server) {
+	const prefix = "outage"
+	dir := t.TempDir()
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=500ms"), Options{})
+	want := map[string][]byte{}
+	n := 0
+	add := func() {
+		rel := fmt.Sprintf("o/%03d.bin", n)
+		want[rel] = randBytes(uint64(n), 3000+n)
+		writeFile(t, filepath.Join(dir, rel), want[rel])
+		n++
 	}
-	for _, kind := range peers.S3Kinds {
-		t.Run(kind, func(t *testing.T) {
-			t.Parallel()
-			srv := peers.StartS3(t, kind)
-			const prefix = "outage"
-			dir := t.TempDir()
-			r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=500ms"), Options{})
-			want := map[string][]byte{}
-			n := 0
-			add := func() {
-				rel := fmt.Sprintf("o/%03d.bin", n)
-				want[rel] = randBytes(uint64(n), 3000+n)
-				writeFile(t, filepath.Join(dir, rel), want[rel])
-				n++
-			}
-			for range 10 {
-				add()
-			}
-			waitObject(t, srv, prefix, "o/000.bin", want["o/000.bin"], 30*time.Second)
-			srv.Stop()
-			tick := time.NewTicker(250 * time.Millisecond)
-			outage := time.NewTimer(10 * time.Second)
-		during:
-			for {
-				select {
-				case <-tick.C:
-					add()
-				case <-outage.C:
-					break during
-				}
-			}
-			tick.Stop()
-			srv.Restart(t)
-			for range 10 {
-				add()
-			}
-			for rel, b := range want {
-				waitObject(t, srv, prefix, rel, b, 90*time.Second)
-			}
-			if err := r.shutdown(t); err != nil {
-				t.Fatal(err)
-			}
-			m, err := latestSnapshot(t, s3Store(t, srv, prefix))
-			if err != nil || len(m.Files) != len(want) {
-				t.Fatalf("final snapshot: %d files (%v), want %d", len(m.Files), err, len(want))
-			}
-			if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 {
-				t.Error("no retries counted: the outage did not hit an upload")
-			}
-		})
+	for range 10 {
+		add()
+	}
+	waitObject(t, srv, prefix, "o/000.bin", want["o/000.bin"], 30*time.Second)
+	srv.Stop()
+	tick := time.NewTicker(250 * time.Millisecond)
+	outage := time.NewTimer(10 * time.Second)
+during:
+	for {
+		select {
+		case <-tick.C:
+			add()
+		case <-outage.C:
+			break during
+		}
+	}
+	tick.Stop()
+	srv.Restart(t)
+	for range 10 {
+		add()
+	}
+	for rel, b := range want {
+		waitObject(t, srv, prefix, rel, b, 90*time.Second)
+	}
+	if err := r.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil || len(m.Files) != len(want) {
+		t.Fatalf("final snapshot: %v (%v), want %d files", m, err, len(want))
+	}
+	if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 {
+		t.Error("no retries counted: the outage did not hit an upload")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"mime"
 	"os"
 	"path"
+	"sync"
 	"syscall"
 	"time"
 
@@ -23,6 +24,10 @@ var (
 	fsErrNoSpace          error = syscall.ENOSPC
 	fsErrTooManyInstances error = syscall.EMFILE
 )
+
+// copyBufs recycles hashing buffers: a backfill of small files would
+// otherwise allocate one per file and keep the GC busy.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
 
 func (s *Syncer) worker(ctx context.Context) {
 	for j := range s.jobs {
@@ -60,7 +65,9 @@ func (s *Syncer) upload(ctx context.Context, rel string) result {
 	st := statOf(fi)
 	r.stat = st
 	h := sha256.New()
-	n, err := io.Copy(h, io.NewSectionReader(f, 0, st.size))
+	buf := copyBufs.Get().(*[]byte)
+	n, err := io.CopyBuffer(h, io.NewSectionReader(f, 0, st.size), *buf)
+	copyBufs.Put(buf)
 	if err != nil {
 		r.err = err
 		return r
