@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -496,6 +497,21 @@ func (s *Syncer) touch(rel string, st fileStat, now time.Time, immediate bool) {
 	}
 }
 
+// finishedBefore reports whether the inode changed metadata (rename, link,
+// chmod, utimes) after its last data write: writes set ctime and mtime to the
+// same instant, so ctime > mtime at the moment a file appears means it was
+// moved or linked in complete rather than created to be written. A rename in
+// the same clock tick as the last write is not detected here (the file then
+// waits SYNC_SETTLE), and later Write events still restart the settle time.
+func finishedBefore(fi fs.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return false
+	}
+	ctime := time.Unix(st.Ctim.Sec, st.Ctim.Nsec)
+	return ctime.After(fi.ModTime())
+}
+
 // gone forgets rel and everything under it (a removed file or directory).
 func (s *Syncer) gone(rel string) {
 	drop := func(k string) bool { return k == rel || strings.HasPrefix(k, rel+"/") }
@@ -565,7 +581,7 @@ func (s *Syncer) handleEvent(ev fsnotify.Event, now time.Time) {
 		if ev.Has(fsnotify.Create) {
 			// A directory renamed into the tree is complete; one just made is
 			// about to be filled and its files settle as usual.
-			if err := s.scanTree(ev.Name, now, hint, nil); err != nil {
+			if err := s.scanTree(ev.Name, now, hint || finishedBefore(fi), nil); err != nil {
 				s.log.Error("cannot watch new directory; rescanning every 30s until it can", "dir", ev.Name, "err", err)
 				s.rescanAt = now.Add(30 * time.Second)
 			}
@@ -576,8 +592,10 @@ func (s *Syncer) handleEvent(ev fsnotify.Event, now time.Time) {
 		return
 	}
 	// MOVED_FROM followed by MOVED_TO is a rename inside the tree (the
-	// write-then-rename pattern): the file is complete now.
-	s.touch(rel, statOf(fi), now, hint && ev.Has(fsnotify.Create))
+	// write-then-rename pattern): the file is complete now. fsnotify reports a
+	// rename from outside the tree as a plain Create; finishedBefore tells it
+	// from a file just opened for writing.
+	s.touch(rel, statOf(fi), now, ev.Has(fsnotify.Create) && (hint || finishedBefore(fi)))
 }
 
 // loop is the event loop: fsnotify events, due files, worker results,

@@ -159,14 +159,17 @@ func testWatch(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
-// With a settle time of an hour, only files that appear complete by a
-// rename inside SYNC_DIR (write-then-rename, or a tree staged in the
-// directory and renamed) are uploaded while running; a file written in place
-// waits, and goes at the drain.
+// With a settle time of an hour, only files that appear complete are
+// uploaded while running: renamed inside SYNC_DIR (write-then-rename, a
+// staged tree renamed), or moved in from outside a while after their last
+// write; a file written in place waits, and goes at the drain.
 func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
+	outside := t.TempDir()
 	const prefix = "rename"
 	writeFile(t, filepath.Join(dir, "incoming", "sub", "m.txt"), []byte("moved in"))
+	writeFile(t, filepath.Join(outside, "tree", "deep", "t.txt"), []byte("tree from outside"))
+	writeFile(t, filepath.Join(outside, "single.txt"), []byte("file from outside"))
 	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1h"), Options{})
 	writeFile(t, filepath.Join(dir, "inplace.txt"), []byte("written in place"))
 	writeFile(t, filepath.Join(dir, "r.dat.tmp"), []byte("renamed"))
@@ -176,8 +179,27 @@ func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 	if err := os.Rename(filepath.Join(dir, "incoming"), filepath.Join(dir, "done")); err != nil {
 		t.Fatal(err)
 	}
+	// Files from outside: moved once the clock has passed their last write
+	// (what a download finished earlier looks like).
+	if err := peers.WaitFor(context.Background(), 10*time.Second, func() error {
+		fi, err := os.Stat(filepath.Join(outside, "single.txt"))
+		if err != nil || time.Since(fi.ModTime()) < 20*time.Millisecond {
+			return fmt.Errorf("written too recently")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(outside, "single.txt"), filepath.Join(dir, "single.txt")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(outside, "tree"), filepath.Join(dir, "tree")); err != nil {
+		t.Fatal(err)
+	}
 	waitObject(t, srv, prefix, "r.dat", []byte("renamed"), 20*time.Second)
 	waitObject(t, srv, prefix, "done/sub/m.txt", []byte("moved in"), 20*time.Second)
+	waitObject(t, srv, prefix, "single.txt", []byte("file from outside"), 20*time.Second)
+	waitObject(t, srv, prefix, "tree/deep/t.txt", []byte("tree from outside"), 20*time.Second)
 	if n := len(r.uploadsOf("inplace.txt")); n != 0 || objectExists(srv, prefix+"/data/inplace.txt") {
 		t.Fatalf("inplace.txt uploaded %d time(s) before its settle time", n)
 	}
