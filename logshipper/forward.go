@@ -16,7 +16,7 @@ import (
 
 // sender delivers one batch; an error means the batch must be sent again.
 type sender interface {
-	send(ctx context.Context, b *batch) error
+	send(ctx context.Context, chunk string, frame []byte) error
 	close()
 }
 
@@ -94,7 +94,7 @@ func (f *forwarder) close() {
 	}
 }
 
-func (f *forwarder) send(ctx context.Context, b *batch) error {
+func (f *forwarder) send(ctx context.Context, chunk string, frame []byte) error {
 	if f.conn == nil {
 		if err := f.dial(ctx); err != nil {
 			return err
@@ -104,7 +104,7 @@ func (f *forwarder) send(ctx context.Context, b *batch) error {
 	stop := context.AfterFunc(ctx, func() { f.conn.SetDeadline(time.Now()) })
 	defer stop()
 	f.conn.SetWriteDeadline(time.Now().Add(f.timeout))
-	if _, err := f.conn.Write(b.frame); err != nil {
+	if _, err := f.conn.Write(frame); err != nil {
 		f.close()
 		return &deliveryError{"write", err}
 	}
@@ -120,9 +120,9 @@ func (f *forwarder) send(ctx context.Context, b *batch) error {
 		}
 		return &deliveryError{"ack", err}
 	}
-	if resp.Ack != b.Chunk {
+	if resp.Ack != chunk {
 		f.close()
-		return &deliveryError{"ack", &ackError{want: b.Chunk, got: resp.Ack}}
+		return &deliveryError{"ack", &ackError{want: chunk, got: resp.Ack}}
 	}
 	return nil
 }
@@ -130,8 +130,8 @@ func (f *forwarder) send(ctx context.Context, b *batch) error {
 // stdoutSender writes JSON lines (LOGSHIP_OUTPUT=stdout).
 type stdoutSender struct{ w io.Writer }
 
-func (s stdoutSender) send(_ context.Context, b *batch) error {
-	if _, err := s.w.Write(b.frame); err != nil {
+func (s stdoutSender) send(_ context.Context, _ string, frame []byte) error {
+	if _, err := s.w.Write(frame); err != nil {
 		return &deliveryError{"stdout", err}
 	}
 	return nil

@@ -26,6 +26,8 @@ type metrics struct {
 	ackLatency     prometheus.Histogram
 	buffer, files  prometheus.Gauge
 	rotations      prometheus.Counter
+
+	recordsRead, bytesRead prometheus.Counter // resolved once: they are hit per line
 }
 
 func newMetrics(h *health.Server) *metrics {
@@ -45,6 +47,7 @@ func newMetrics(h *health.Server) *metrics {
 	for _, r := range []string{"acked", "failed"} {
 		m.batches.WithLabelValues(r)
 	}
+	m.recordsRead, m.bytesRead = m.records.WithLabelValues("read"), m.bytes.WithLabelValues("read")
 	h.Registry.MustRegister(m.records, m.bytes, m.batches, m.ackLatency, m.buffer, m.files, m.rotations)
 	return m
 }
@@ -151,7 +154,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 	if sendErr != nil {
 		n, recs, _ := st.pending()
 		if work.Err() != nil {
-			return fmt.Errorf("shutdown timeout %s passed with %d records in %d batches not acked; they stay in %s and are sent at the next start: %w",
+			return fmt.Errorf("shutdown timeout %s passed with %d records in %d batches not acked; they are sent at the next start from %s and the log files: %w",
 				cfg.ShutdownTimeout, recs, n, cfg.StateDir, sendErr)
 		}
 		return sendErr
@@ -162,19 +165,13 @@ func (s *Shipper) Run(ctx context.Context) error {
 func (s *Shipper) sendLoop(ctx context.Context, st *state, snd sender) error {
 	failing := false
 	for {
-		b, err := st.next(ctx)
+		b, frame, err := st.next(ctx)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
 			return err
 		}
-		type prepared struct {
-			tmp string
-			err error
-		}
-		prep := make(chan prepared, 1)
-		go func() { tmp, err := st.prepare(b); prep <- prepared{tmp, err} }()
 		var start time.Time
 		err = backoff.Retry(ctx, retryPolicy, retryable, func(attempt int, err error, wait time.Duration) {
 			s.m.batches.WithLabelValues("failed").Inc()
@@ -183,13 +180,14 @@ func (s *Shipper) sendLoop(ctx context.Context, st *state, snd sender) error {
 			}
 			if !failing {
 				failing = true
+				st.setFailing(true)
 				s.ev.Event(ctx, events.Warning, "LogsDelayed", fmt.Sprintf("log receiver %s not reachable: %v; lines are buffered in %s", s.cfg.FluentAddr, err, s.cfg.StateDir))
 			}
 		}, func(ctx context.Context) error {
 			start = time.Now()
 			s.m.records.WithLabelValues("sent").Add(float64(b.Records))
-			s.m.bytes.WithLabelValues("sent").Add(float64(len(b.frame)))
-			return snd.send(ctx, b)
+			s.m.bytes.WithLabelValues("sent").Add(float64(len(frame)))
+			return snd.send(ctx, b.Chunk, frame)
 		})
 		if err != nil {
 			return err
@@ -197,21 +195,10 @@ func (s *Shipper) sendLoop(ctx context.Context, st *state, snd sender) error {
 		s.m.ackLatency.Observe(time.Since(start).Seconds())
 		if failing {
 			failing = false
+			st.setFailing(false)
 			s.log.Info("receiver accepts batches again", "addr", s.cfg.FluentAddr)
 		}
-		p := <-prep
-		err = p.err
-		for err != nil {
-			// The state dir failing is not a reason to resend: the data is delivered.
-			s.log.Error("cannot write checkpoint; retrying", "err", err)
-			select {
-			case <-ctx.Done():
-				return err
-			case <-time.After(time.Second):
-			}
-			p.tmp, err = st.prepare(b)
-		}
-		if err := st.commit(b, p.tmp); err != nil {
+		if err := st.commit(ctx, b); err != nil {
 			return err
 		}
 		s.m.batches.WithLabelValues("acked").Inc()

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // fileID names an open file for as long as it is open: the kernel cannot reuse
@@ -49,7 +50,11 @@ type batchMeta struct {
 // batch is one frame ready to send, spooled in the state dir until acked.
 type batch struct {
 	batchMeta
-	frame []byte // nil when only on disk (memory stays bounded while the receiver is down)
+	frame   []byte // nil when only on disk (memory stays bounded while the receiver is down)
+	spooled bool   // written to the spool
+
+	cp       map[fileID]position // the checkpoint once this batch is acked
+	prepared chan prepared       // its temp file, written and fsynced
 }
 
 type checkpointFile struct {
@@ -73,19 +78,27 @@ type state struct {
 	nextSeq    uint64
 	acked      uint64
 	files      map[fileID]position // acked positions
+	projected  map[fileID]position // positions once every queued batch is acked
+	syncSlots  chan struct{}       // concurrent checkpoint fsyncs
 	readerDone bool
+	failing    bool // the sender is retrying: batches go to the spool
 }
 
 const checkpointName = "checkpoint.json"
 
-// inMemoryBatches is how many queued batches keep their frame in memory; the
-// rest are read back from the spool when their turn comes.
-const inMemoryBatches = 4
+// Batches wait in memory up to inMemoryBytes (enough to keep the sender busy
+// while the reader runs ahead); beyond it they are spooled, and all but the
+// next inMemoryBatches are read back from the spool when their turn comes.
+const (
+	inMemoryBytes   = 8 << 20
+	inMemoryBatches = 4
+)
 
 // openState loads the checkpoint and the spool. resume is where reading goes on
 // for each known file: the checkpoint overlaid with the batches still spooled.
 func openState(dir string, max int64) (st *state, resume map[fileID]position, err error) {
-	st = &state{dir: dir, spool: filepath.Join(dir, "spool"), max: max, changed: make(chan struct{}), files: map[fileID]position{}}
+	st = &state{dir: dir, spool: filepath.Join(dir, "spool"), max: max, changed: make(chan struct{}),
+		files: map[fileID]position{}, projected: map[fileID]position{}, syncSlots: make(chan struct{}, 4)}
 	if err := os.MkdirAll(st.spool, 0o755); err != nil {
 		return nil, nil, err
 	}
@@ -112,6 +125,7 @@ func openState(dir string, max int64) (st *state, resume map[fileID]position, er
 	resume = map[fileID]position{}
 	for id, p := range st.files {
 		resume[id] = p
+		st.projected[id] = p
 	}
 	st.nextSeq = st.acked + 1
 	entries, err := os.ReadDir(st.spool)
@@ -151,6 +165,8 @@ func openState(dir string, max int64) (st *state, resume map[fileID]position, er
 			os.Remove(path)
 			continue
 		}
+		b.spooled = true
+		st.project(b)
 		st.queue = append(st.queue, b)
 		st.bytes += int64(b.Size)
 		st.nextSeq = seq + 1
@@ -211,17 +227,28 @@ func (st *state) seq() uint64 {
 	return s
 }
 
-// add spools b, first waiting while the spool is full. whileWaiting runs now
+// add queues b, first waiting while the buffer is full. whileWaiting runs now
 // and then during the wait (the reader keeps discovering files so a rotation
-// during backpressure does not lose one). The spool file is written without
-// fsync: it survives a crash of the process; the state dir is an emptyDir,
-// which does not outlive the node anyway.
+// during backpressure does not lose one).
+//
+// While the sender keeps up, batches stay in memory only: after a crash they
+// are read again from the log files, from the checkpoint. Once more than
+// inMemoryBatches wait, every waiting batch is written to the spool, oldest
+// first, so the spool always holds a contiguous run of batches from the oldest
+// unacked one on: resume positions stay exact, and the lines survive their
+// files being rotated away. Spool files are written without fsync: they
+// survive a crash of the process; the state dir is an emptyDir, which does not
+// outlive the node anyway.
 func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
 	b.CRC = crc32.ChecksumIEEE(b.frame)
 	b.Size = len(b.frame)
 	for {
 		st.mu.Lock()
 		full := st.bytes > 0 && st.bytes+int64(b.Size) > st.max
+		// A receiver that is up but slower than the reader gets backpressure at
+		// the memory budget (the log files are the buffer); only one that fails
+		// makes batches go to the spool.
+		full = full || (!st.failing && st.waiting() > inMemoryBytes)
 		ch := st.changed
 		st.mu.Unlock()
 		if !full {
@@ -237,23 +264,68 @@ func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
 		case <-timeAfter(waitRescan):
 		}
 	}
-	head, err := json.Marshal(b.batchMeta)
-	if err != nil {
-		return err
-	}
-	path := st.batchPath(b.Seq)
-	if err := writeFile(path, false, head, []byte{'\n'}, b.frame); err != nil {
-		return fmt.Errorf("spool batch: %w", err)
-	}
 	st.mu.Lock()
-	if len(st.queue)-st.sent >= inMemoryBatches {
-		b.frame = nil
-	}
+	st.project(b)
 	st.queue = append(st.queue, b)
 	st.bytes += int64(b.Size)
+	var toSpool []*batch
+	if st.waiting() > inMemoryBytes {
+		for _, q := range st.queue {
+			if !q.spooled && q.frame != nil {
+				toSpool = append(toSpool, q)
+			}
+		}
+	}
 	st.notify()
 	st.mu.Unlock()
+	for _, q := range toSpool {
+		st.mu.Lock()
+		frame, acked := q.frame, q.Seq <= st.acked
+		st.mu.Unlock()
+		if acked {
+			continue
+		}
+		head, err := json.Marshal(q.batchMeta)
+		if err != nil {
+			return err
+		}
+		if err := writeFile(st.batchPath(q.Seq), false, head, []byte{'\n'}, frame); err != nil {
+			return fmt.Errorf("spool batch: %w", err)
+		}
+		st.mu.Lock()
+		q.spooled = true
+		if q.Seq <= st.acked {
+			os.Remove(st.batchPath(q.Seq)) // acked while being written
+		}
+		st.mu.Unlock()
+	}
+	st.mu.Lock()
+	for i := st.sent + inMemoryBatches; i < len(st.queue); i++ {
+		if st.queue[i].spooled {
+			st.queue[i].frame = nil // read back when its turn comes
+		}
+	}
+	st.mu.Unlock()
 	return nil
+}
+
+// waiting is the size of the batches not handed to the sender; callers hold mu.
+func (st *state) waiting() int64 {
+	n := int64(0)
+	for _, q := range st.queue[st.sent:] {
+		n += int64(q.Size)
+	}
+	return n
+}
+
+// setFailing records whether the receiver currently refuses batches.
+func (st *state) setFailing(f bool) {
+	st.mu.Lock()
+	if st.failing != f {
+		st.failing = f
+		st.notify()
+	}
+	st.mu.Unlock()
 }
 
 // finishReading tells the sender no more batches will come.
@@ -264,55 +336,73 @@ func (st *state) finishReading() {
 	st.mu.Unlock()
 }
 
-// next returns the oldest batch not yet handed out, waiting for one; io.EOF
-// once the reader finished and everything was handed out.
-func (st *state) next(ctx context.Context) (*batch, error) {
+// next returns the oldest batch not yet handed out and its frame, waiting for
+// one; io.EOF once the reader finished and everything was handed out.
+func (st *state) next(ctx context.Context) (*batch, []byte, error) {
 	for {
 		st.mu.Lock()
 		if st.sent < len(st.queue) {
 			b := st.queue[st.sent]
 			st.sent++
+			frame := b.frame
 			st.mu.Unlock()
-			if b.frame == nil {
+			if frame == nil {
 				full, err := readBatch(st.batchPath(b.Seq), true)
 				if err != nil {
-					return nil, fmt.Errorf("read spooled batch %d: %w", b.Seq, err)
+					return nil, nil, fmt.Errorf("read spooled batch %d: %w", b.Seq, err)
 				}
-				b.frame = full.frame
+				frame = full.frame
 			}
-			return b, nil
+			return b, frame, nil
 		}
 		if st.readerDone {
 			st.mu.Unlock()
-			return nil, io.EOF
+			return nil, nil, io.EOF
 		}
 		ch := st.changed
 		st.mu.Unlock()
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		case <-ch:
 		}
 	}
 }
 
-// prepare writes and fsyncs the checkpoint that b's ack will make current, so
-// the fsync overlaps the network round trip and commit is only a rename.
-func (st *state) prepare(b *batch) (string, error) {
-	st.mu.Lock()
-	files := make(map[fileID]position, len(st.files)+len(b.Positions))
-	for id, p := range st.files {
-		files[id] = p
-	}
-	st.mu.Unlock()
+// project records what the checkpoint will hold once b is acked (everything
+// queued before b committed first) and starts writing and fsyncing it. The
+// fsyncs of queued batches run ahead of the sender, several at a time (the
+// journal commits them together), so the commit after an ack is only a
+// rename, even when the disk is slow. Callers hold mu, in sequence order.
+func (st *state) project(b *batch) {
 	for _, p := range b.Positions {
-		files[p.id()] = p
+		st.projected[p.id()] = p
 	}
 	for _, id := range b.Forget {
-		delete(files, id)
+		delete(st.projected, id)
 	}
-	cp := checkpointFile{Version: 1, AckedSeq: b.Seq, Files: make([]position, 0, len(files))}
-	for _, p := range files {
+	b.cp = make(map[fileID]position, len(st.projected))
+	for id, p := range st.projected {
+		b.cp[id] = p
+	}
+	b.prepared = make(chan prepared, 1)
+	go func() {
+		st.syncSlots <- struct{}{}
+		tmp, err := st.prepare(b)
+		<-st.syncSlots
+		b.prepared <- prepared{tmp, err}
+	}()
+}
+
+type prepared struct {
+	tmp string
+	err error
+}
+
+// prepare writes and fsyncs the checkpoint that b's ack will make current.
+func (st *state) prepare(b *batch) (string, error) {
+	cp := checkpointFile{Version: 1, AckedSeq: b.Seq, Files: make([]position, 0, len(b.cp))}
+	for _, p := range b.cp {
 		cp.Files = append(cp.Files, p)
 	}
 	sort.Slice(cp.Files, func(i, j int) bool { return cp.Files[i].Path < cp.Files[j].Path })
@@ -329,21 +419,29 @@ func (st *state) prepare(b *batch) (string, error) {
 
 // commit makes b's checkpoint current and frees its spool space. Called in
 // sequence order, only after b was acked.
-func (st *state) commit(b *batch, tmp string) error {
-	if err := os.Rename(tmp, filepath.Join(st.dir, checkpointName)); err != nil {
-		return fmt.Errorf("commit checkpoint: %w", err)
+func (st *state) commit(ctx context.Context, b *batch) error {
+	p := <-b.prepared
+	for p.err != nil {
+		// The data is delivered: a failing state dir is no reason to resend it.
+		select {
+		case <-ctx.Done():
+			return p.err
+		case <-timeAfter(time.Second):
+		}
+		p.tmp, p.err = st.prepare(b)
 	}
-	if err := os.Remove(st.batchPath(b.Seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove acked batch: %w", err)
+	if err := os.Rename(p.tmp, filepath.Join(st.dir, checkpointName)); err != nil {
+		return fmt.Errorf("commit checkpoint: %w", err)
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	for _, p := range b.Positions {
-		st.files[p.id()] = p
+	if b.spooled {
+		if err := os.Remove(st.batchPath(b.Seq)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove acked batch: %w", err)
+		}
 	}
-	for _, id := range b.Forget {
-		delete(st.files, id)
-	}
+	st.files = b.cp
+	b.cp = nil
 	st.acked = b.Seq
 	if len(st.queue) > 0 && st.queue[0] == b {
 		st.queue = st.queue[1:]

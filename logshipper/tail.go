@@ -584,8 +584,8 @@ func (t *tailer) flushGroup(tf *tailFile) error {
 // emit adds a record ending at file offset end to the batch.
 func (t *tailer) emit(tf *tailFile, line []byte, end int64, p *partial) error {
 	t.enc.add(&record{t: t.now, line: line, file: tf.path, partial: p})
-	t.m.records.WithLabelValues("read").Inc()
-	t.m.bytes.WithLabelValues("read").Add(float64(len(line)))
+	t.m.recordsRead.Inc()
+	t.m.bytesRead.Add(float64(len(line)))
 	t.positions[tf.id] = position{Dev: tf.id.Dev, Ino: tf.id.Ino, FP: tf.fp, FPLen: tf.fpLen, Offset: end, Path: tf.path}
 	if t.batchStart.IsZero() {
 		t.batchStart = t.now
