@@ -135,8 +135,9 @@ func (s *Syncer) retain(ctx context.Context, latest *snapshot.Manifest, present 
 			return
 		}
 		rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
-		// Objects newer than the manifest may be uploads it does not know yet.
-		if referenced[rel] || present[rel] || o.ModTime.After(latest.Created.Add(-time.Second)) {
+		// Objects about as new as the manifest may be uploads it does not know
+		// yet (LastModified has one-second granularity): a later pass decides.
+		if referenced[rel] || present[rel] || o.ModTime.After(latest.Created.Add(-2*time.Second)) {
 			continue
 		}
 		if err := s.st.Delete(ctx, o.Key); err != nil {

@@ -45,6 +45,8 @@ func TestSyncer(t *testing.T) {
 					"lease":                 testLease,
 					"sigterm-drain":         testSIGTERMDrain,
 					"mass-delete-guard":     testMassDeleteGuard,
+					"permanent-error":       testPermanentError,
+					"retention-delete":      testRetentionDelete,
 				} {
 					t.Run(name, func(t *testing.T) {
 						t.Parallel()
@@ -637,5 +639,109 @@ during:
 	}
 	if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 {
 		t.Error("no retries counted: the outage did not hit an upload")
+	}
+}
+
+// A file S3 refuses for good (403) is logged, counted and retried slowly
+// without holding back the others; a file over SYNC_MAX_FILE_SIZE is
+// skipped with a metric.
+func testPermanentError(t *testing.T, srv *peers.S3Server) {
+	const prefix = "denied"
+	dir := t.TempDir()
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	proxy.FailWith(http.StatusForbidden, func(r *http.Request) bool {
+		return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/data/secret")
+	})
+	r := startSyncer(t, testConfig(t, srv, proxy.URL, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_MAX_FILE_SIZE=100000"), Options{})
+	writeFile(t, filepath.Join(dir, "secret.txt"), []byte("refused"))
+	writeFile(t, filepath.Join(dir, "huge.bin"), make([]byte, 100001))
+	for i := range 5 {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("ok%d.txt", i)), []byte("fine"))
+	}
+	for i := range 5 {
+		waitObject(t, srv, prefix, fmt.Sprintf("ok%d.txt", i), []byte("fine"), 20*time.Second)
+	}
+	err := peers.WaitFor(context.Background(), 20*time.Second, func() error {
+		if gaugeValue(r.s.health, "podkeeper_syncer_skipped_too_large_total") != 1 {
+			return fmt.Errorf("huge.bin not counted as skipped")
+		}
+		if !r.rec.has("UploadsFailing") {
+			return fmt.Errorf("no UploadsFailing event")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if objectExists(srv, prefix+"/data/secret.txt") || objectExists(srv, prefix+"/data/huge.bin") {
+		t.Error("refused or oversize file is in the bucket")
+	}
+	// Once S3 accepts it, the next attempt (minutes later in production) would
+	// succeed; at shutdown the drain tries the pending file once more.
+	proxy.FailWith(0, nil)
+	if err := r.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	waitObject(t, srv, prefix, "secret.txt", []byte("refused"), time.Second)
+}
+
+// With SYNC_DELETE=true and SYNC_SNAPSHOT_RETAIN=1, a data object whose file
+// is gone and that no retained snapshot lists is deleted; without it, it
+// stays.
+func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
+	for _, del := range []bool{true, false} {
+		prefix := fmt.Sprintf("retain-%v", del)
+		dir := t.TempDir()
+		for i := range 4 {
+			writeFile(t, filepath.Join(dir, fmt.Sprintf("f%d.txt", i)), []byte("x"))
+		}
+		cfg := testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_RETAIN=1",
+			"SYNC_SNAPSHOT_INTERVAL=200ms", fmt.Sprintf("SYNC_DELETE=%v", del))
+		r := startSyncer(t, cfg, Options{})
+		st := s3Store(t, srv, prefix)
+		waitSnap := func(n int) {
+			t.Helper()
+			if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+				m, err := latestSnapshot(t, st)
+				if err != nil || len(m.Files) != n {
+					return fmt.Errorf("latest snapshot: %v %v", m, err)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitSnap(4)
+		// Retention leaves objects about as new as the snapshot alone (they may
+		// be uploads the snapshot does not know yet): let the clock move on.
+		uploaded := time.Now()
+		if err := peers.WaitFor(context.Background(), 10*time.Second, func() error {
+			if time.Since(uploaded) < 3*time.Second {
+				return fmt.Errorf("objects still recent")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		os.Remove(filepath.Join(dir, "f0.txt"))
+		waitSnap(3)
+		if err := r.shutdown(t); err != nil {
+			t.Fatal(err)
+		}
+		all, err := snapshot.List(context.Background(), st)
+		if err != nil || len(all) != 1 {
+			t.Errorf("SYNC_SNAPSHOT_RETAIN=1 left %d snapshots (%v)", len(all), err)
+		}
+		// Deletion happens in the retention after the snapshot that dropped f0;
+		// the object is older than that snapshot by construction.
+		if del && objectExists(srv, prefix+"/data/f0.txt") {
+			t.Error("SYNC_DELETE=true left data/f0.txt, which is gone locally and in no retained snapshot")
+		}
+		if !objectExists(srv, prefix+"/data/f1.txt") {
+			t.Errorf("SYNC_DELETE=%v deleted a file that is still present", del)
+		}
+		if !del && !objectExists(srv, prefix+"/data/f0.txt") {
+			t.Error("SYNC_DELETE=false deleted a data object")
+		}
 	}
 }
