@@ -87,10 +87,10 @@ type object struct {
 	Size     int64
 }
 
-func listObjects(t *testing.T, s *peers.S3Server, prefix string) map[string]object {
+func listObjects(t *testing.T, s *peers.S3Server, bucket, prefix string) map[string]object {
 	t.Helper()
 	out := map[string]object{}
-	p := s3.NewListObjectsV2Paginator(s.Client(), &s3.ListObjectsV2Input{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix)})
+	p := s3.NewListObjectsV2Paginator(s.Client(), &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String(prefix)})
 	for p.HasMorePages() {
 		page, err := p.NextPage(context.Background())
 		if err != nil {

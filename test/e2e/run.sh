@@ -48,6 +48,7 @@ if [ "$MODE" = rig ]; then
 fi
 
 t=$(now)
+[ -f "$RIG/images/e2e/agents-missing" ] && export E2E_AGENTS_MISSING="$(cat "$RIG/images/e2e/agents-missing")"
 export E2E_KUBECTL=${E2E_KUBECTL:-$K8S_BIN/kubectl}
 [ -x "$E2E_KUBECTL" ] || E2E_KUBECTL=$(command -v kubectl)
 go test -count=1 -tags e2e -timeout "${E2E_TIMEOUT:-30m}" -v ${E2E_RUN:+-run "$E2E_RUN"} ./test/e2e/

@@ -98,6 +98,14 @@ func waitSignal(who string) {
 
 func run() error {
 	dir := env("APP_DATA_DIR", "/data")
+	// Only so the example workload's own probes (tcpSocket on its http port) have something to hit.
+	if addr := os.Getenv("APP_HTTP_ADDR"); addr != "" {
+		go func() {
+			err := http.ListenAndServe(addr, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") }))
+			fmt.Fprintln(os.Stderr, "upload-app: http:", err)
+			os.Exit(1)
+		}()
+	}
 	fmt.Printf("%s app started in %s; files present before the app wrote anything:\n", stamp(), dir)
 	if err := printSums(os.Stdout, dir); err != nil {
 		return err

@@ -1,0 +1,233 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/test/peers"
+)
+
+const (
+	nFiles   = 20   // small files, nested over 6 directories
+	largeKiB = 8192 // plus one large file (multipart in the syncer, ranged in restore)
+	nLines   = 500
+)
+
+var (
+	reAppSIGTERM   = regexp.MustCompile(`app \S+ received terminated`)
+	reAgentSIGTERM = regexp.MustCompile(`signal received, shutting down`)
+)
+
+// TestStatefulSetLifecycle is the issue's main scenario on the real StatefulSet overlay:
+// first start on an empty prefix, files and log lines shipped, pod deletion (app stopped before
+// the sidecars, final snapshot, every line delivered), and the StatefulSet's new upload-sts-0
+// getting every file back byte-identical before its app starts, with nothing uploaded again.
+func TestStatefulSetLifecycle(t *testing.T) {
+	needAgents(t)
+	s, keys := s3Peer(t)
+	recv := peers.StartOtelFwd(t)
+	n := newNS(t, "e2e-sts")
+	const pod = "upload-sts-0"
+	prefix := "statefulset/" + pod + "/"
+
+	// 1. First start on an empty prefix.
+	start := time.Now()
+	n.applyOverlay("statefulset", map[string]string{"S3_ENDPOINT": s.Endpoint, "FLUENT_ADDR": recv.Addr}, keys, "")
+	n.waitPodReady(pod, 3*time.Minute)
+	phase(t, "sts: apply -> upload-sts-0 Ready (empty prefix)", start)
+	uid1 := n.jsonpath("pod/"+pod, "{.metadata.uid}")
+	restoreLog := n.mustK("logs", pod, "-c", "restore")
+	events := n.mustK("get", "events", "--field-selector", "involvedObject.name="+pod, "-o", "custom-columns=REASON:.reason,MESSAGE:.message", "--no-headers")
+	if !strings.Contains(restoreLog, "starting empty") && !strings.Contains(events, "Restored") {
+		t.Errorf("restore on an empty prefix: neither the empty-start message nor a Restored event\n--- restore log ---\n%s\n--- events ---\n%s", restoreLog, events)
+	}
+	appLog := n.waitAppStarted(pod)
+	for _, port := range []string{"8081", "8082"} {
+		if !strings.Contains(appLog, "127.0.0.1:"+port+"/readyz: status 200") {
+			t.Errorf("sidecar on :%s was not ready when the app started:\n%s", port, appLog)
+		}
+	}
+	if got := appFiles(appLog); len(got) != 0 {
+		t.Errorf("app saw files on an empty prefix: %v", got)
+	}
+
+	// 2. The app writes N files (nested, one large) and M log lines; all reach S3 and the receiver.
+	start = time.Now()
+	written := sumLines(n.mustK("exec", pod, "-c", "app", "--", "/upload-app", "write",
+		"-files", fmt.Sprint(nFiles), "-large-kib", fmt.Sprint(largeKiB), "-lines", fmt.Sprint(nLines), "-batch", "b1"))
+	if len(written) != nFiles+1 {
+		t.Fatalf("app wrote %d files, want %d", len(written), nFiles+1)
+	}
+	n.waitFor(2*time.Minute, "every file under "+prefix+"data/", func() error {
+		if d := diff(keysWithPrefix(listObjects(t, s, overlayBucket, prefix+"data/"), prefix+"data/"), pathsOf(written)); d != "" {
+			return fmt.Errorf("S3 %s", d)
+		}
+		return nil
+	})
+	phase(t, fmt.Sprintf("sts: %d files (%d KiB large) in S3", len(written), largeKiB), start)
+	start = time.Now()
+	n.waitLines(recv, "b1", nLines, pod)
+	phase(t, fmt.Sprintf("sts: %d log lines at the receiver", nLines), start)
+	before := listObjects(t, s, overlayBucket, prefix+"data/")
+
+	// 3. Delete the pod: SIGTERM to the app first, then the sidecars; final snapshot; every line delivered.
+	start = time.Now()
+	fApp, fSync, fShip := n.follow(pod, "app"), n.follow(pod, "syncer"), n.follow(pod, "logshipper")
+	n.waitFor(20*time.Second, "log streams attached", func() error {
+		_, err := n.k("get", "pod", pod)
+		return err
+	})
+	n.mustK("delete", "pod", pod, "--wait=false")
+	appOut, syncOut, shipOut := fApp.wait(t, 90*time.Second), fSync.wait(t, 90*time.Second), fShip.wait(t, 90*time.Second)
+	tApp, ok1 := firstAt(appOut, reAppSIGTERM)
+	tSync, ok2 := firstAt(syncOut, reAgentSIGTERM)
+	tShip, ok3 := firstAt(shipOut, reAgentSIGTERM)
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatalf("SIGTERM not seen in every container (app %v, syncer %v, logshipper %v)\n--- app ---\n%s\n--- syncer ---\n%s\n--- logshipper ---\n%s", ok1, ok2, ok3, appOut, syncOut, shipOut)
+	}
+	t.Logf("SIGTERM seen: app %s, logshipper %s, syncer %s", tApp.Format(time.StampMicro), tShip.Format(time.StampMicro), tSync.Format(time.StampMicro))
+	if !tApp.Before(tSync) || !tApp.Before(tShip) {
+		t.Errorf("the app must get SIGTERM before the sidecars: app %s, syncer %s, logshipper %s", tApp, tSync, tShip)
+	}
+	if !strings.Contains(syncOut, `"drained"`) {
+		t.Errorf("syncer did not report a complete drain:\n%s", syncOut)
+	}
+	m := latestSnapshot(t, s, prefix)
+	var inSnap []string
+	for _, f := range m.Files {
+		inSnap = append(inSnap, f.SHA256+"  "+f.Path)
+	}
+	sort.Strings(inSnap)
+	if d := diff(inSnap, written); d != "" {
+		t.Errorf("final snapshot %s vs files written: %s", m.ID, d)
+	}
+	n.waitLines(recv, "b1", nLines, pod)
+	phase(t, "sts: delete -> app, sidecars stopped, final snapshot "+m.ID, start)
+
+	// 4. The StatefulSet brings upload-sts-0 back: every file restored byte-identical before the app starts.
+	start = time.Now()
+	n.waitFor(2*time.Minute, "a new "+pod, func() error {
+		if uid := n.jsonpath("pod/"+pod, "{.metadata.uid}"); uid == "" || uid == uid1 {
+			return fmt.Errorf("pod uid %q (old %s)", uid, uid1)
+		}
+		return nil
+	})
+	n.waitPodReady(pod, 3*time.Minute)
+	phase(t, "sts: new upload-sts-0 Ready (restored)", start)
+	appLog = n.waitAppStarted(pod)
+	if d := diff(appFiles(appLog), written); d != "" {
+		t.Errorf("files the new app saw at its start (sha256 computed inside the pod) vs written: %s\n%s", d, appLog)
+	}
+	if d := diff(appFiles(n.mustK("exec", pod, "-c", "app", "--", "/upload-app", "sums", "-dir", "/srv/uploads")), written); d != "" {
+		t.Errorf("sha256 inside the new pod vs written: %s", d)
+	}
+	restoreLog = n.mustK("logs", pod, "-c", "restore")
+	if !strings.Contains(restoreLog, `"restored"`) {
+		t.Errorf("restore did not report a restore:\n%s", restoreLog)
+	}
+	// The syncer uploads nothing again: after a new file made it to S3 (so the syncer has
+	// scanned and is uploading), every earlier object is the very object written before.
+	fresh := sumLines(n.mustK("exec", pod, "-c", "app", "--", "/upload-app", "write", "-files", "1", "-batch", "b2"))
+	n.waitFor(time.Minute, "the new pod's first upload", func() error {
+		if _, ok := listObjects(t, s, overlayBucket, prefix+"data/")[prefix+"data/"+pathsOf(fresh)[0]]; !ok {
+			return fmt.Errorf("%s not uploaded yet", pathsOf(fresh)[0])
+		}
+		return nil
+	})
+	after := listObjects(t, s, overlayBucket, prefix+"data/")
+	for k, o := range before {
+		if a := after[k]; a != o {
+			t.Errorf("%s was uploaded again after the restore: before %+v, after %+v", k, o, a)
+		}
+	}
+	phase(t, "sts: restored pod uploads only new files", start)
+}
+
+// waitAppStarted returns the app's log once it has listed the files it found at start.
+func (n *ns) waitAppStarted(pod string) string {
+	n.t.Helper()
+	var out string
+	n.waitFor(time.Minute, pod+" app start listing", func() error {
+		out, _ = n.k("logs", pod, "-c", "app")
+		if !strings.Contains(out, "end of files present at start") {
+			return fmt.Errorf("app has not listed its files yet: %q", out)
+		}
+		return nil
+	})
+	return out
+}
+
+// appFiles is the app's start listing without podkeeper's own state directory (restore's
+// marker and the syncer's journals live in the shared volume under .podkeeper/).
+func appFiles(log string) []string {
+	if i := strings.Index(log, "end of files present at start"); i >= 0 {
+		log = log[:i]
+	}
+	var out []string
+	for _, l := range sumLines(log) {
+		if !strings.HasPrefix(l[66:], ".podkeeper/") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// waitLines waits until the receiver holds every line of batch, each carrying the pod's
+// name, namespace and labels.
+func (n *ns) waitLines(recv *peers.LogReceiver, batch string, want int, pod string) {
+	n.t.Helper()
+	n.waitFor(2*time.Minute, fmt.Sprintf("%d %s lines at the receiver", want, batch), func() error {
+		recs, err := recv.Records()
+		if err != nil {
+			return err
+		}
+		seen := map[string]bool{}
+		for _, r := range recs {
+			if !strings.Contains(r.Log, "upload-app "+batch+" line ") {
+				continue
+			}
+			if r.Attrs["pod"] != pod || r.Attrs["namespace"] != n.name {
+				return fmt.Errorf("record without the pod's name and namespace: %+v", r)
+			}
+			if l, _ := r.Attrs["labels"].(map[string]any); l["app.kubernetes.io/name"] == nil {
+				return fmt.Errorf("record without the pod's labels: %+v", r)
+			}
+			seen[r.Log[strings.Index(r.Log, "line "):]] = true
+		}
+		if len(seen) != want {
+			return fmt.Errorf("%d distinct %s lines of %d (%d records in all)", len(seen), batch, want, len(recs))
+		}
+		return nil
+	})
+}
+
+// latestSnapshot reads the newest manifest under prefix straight from S3.
+func latestSnapshot(t *testing.T, s *peers.S3Server, prefix string) *snapshot.Manifest {
+	t.Helper()
+	keys := keysWithPrefix(listObjects(t, s, overlayBucket, prefix+"snapshots/"), prefix+"snapshots/")
+	if len(keys) == 0 {
+		t.Fatalf("no snapshot under %s", prefix)
+	}
+	last := keys[len(keys)-1]
+	obj, err := s.Client().GetObject(context.Background(), &s3.GetObjectInput{Bucket: aws.String(overlayBucket), Key: aws.String(prefix + "snapshots/" + last)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer obj.Body.Close()
+	m, err := snapshot.Decode(obj.Body)
+	if err != nil {
+		t.Fatalf("snapshot %s: %v", last, err)
+	}
+	return m
+}
