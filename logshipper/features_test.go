@@ -2,6 +2,7 @@ package logshipper_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -194,4 +195,38 @@ func TestParsing(t *testing.T) {
 		}
 		p.term(30 * time.Second)
 	})
+}
+
+// LOGSHIP_OUTPUT=stdout needs no receiver; SIGTERM reads to the end, including
+// a last line the app never terminated.
+func TestStdoutOutputAndDrain(t *testing.T) {
+	dir := t.TempDir()
+	w := newWriter(t, filepath.Join(dir, "app.log"), "out", 10)
+	w.write(100)
+	env := []string{"LOGSHIP_PATHS=" + filepath.Join(dir, "*.log"), "LOGSHIP_STATE_DIR=" + t.TempDir(), "LOGSHIP_OUTPUT=stdout", "POD_NAME=p"}
+	p := startShipper(t, env...)
+	w.write(50)
+	w.mu.Lock()
+	w.bw.WriteString("the last words, no newline")
+	w.bw.Flush()
+	w.mu.Unlock()
+	if code := p.term(30 * time.Second); code != 0 {
+		t.Fatalf("exit %d\n%s", code, p.tail())
+	}
+	b, _ := os.ReadFile(p.logPath)
+	got := map[string]int{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(l, "{") {
+			continue // the agent's own log (stderr, same file here)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("stdout line %q: %v", l, err)
+		}
+		if m["pod"] != "p" || m["time"] == nil {
+			t.Fatalf("record %v lacks pod or time", m)
+		}
+		got[m["log"].(string)]++
+	}
+	exactlyOnce(t, got, append(w.expected(), "the last words, no newline"))
 }

@@ -142,3 +142,67 @@ func TestLongLineSplitPieces(t *testing.T) {
 		}
 	}
 }
+
+type recorded struct{ typ, reason, msg string }
+
+type recorder struct{ got []recorded }
+
+func (r *recorder) Event(_ context.Context, t events.Type, reason, msg string) {
+	r.got = append(r.got, recorded{string(t), reason, msg})
+}
+
+// A file truncated before it was read, with no copy next to it: the loss is
+// counted and reported, never silent.
+func TestTruncationLossIsReported(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "app.log")
+	appendLines(t, path, 0, 10)
+	tl, enc := testTailer(t, dir, nil)
+	rec := &recorder{}
+	tl.ev = rec
+	tl.scan()
+	readAll(t, tl)
+	appendLines(t, path, 10, 20)
+	tf := tl.files[statID(mustStat(t, path))]
+	fi := mustStat(t, path)
+	tf.size = fi.Size() // seen but not read yet
+	os.Truncate(path, 0)
+	appendLines(t, path, 100, 101)
+	readAll(t, tl)
+	if len(rec.got) != 1 || rec.got[0].reason != "LogsDropped" || rec.got[0].typ != "Warning" {
+		t.Fatalf("events %+v, want one LogsDropped warning", rec.got)
+	}
+	got := logsOf(t, enc)
+	if len(got) != 11 || got[10] != "line 00100 of the application log" {
+		t.Fatalf("lines after the truncation: %q", got)
+	}
+}
+
+func mustStat(t *testing.T, p string) os.FileInfo {
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi
+}
+
+// Pod labels from Options.Labels are on every record.
+func TestLabelsOnRecords(t *testing.T) {
+	dir := t.TempDir()
+	appendLines(t, filepath.Join(dir, "app.log"), 0, 3)
+	tl, enc := testTailer(t, dir, nil)
+	enc.pod = "upload-0"
+	enc.labels = func() map[string]string { return map[string]string{"app": "upload", "tier": "web"} }
+	tl.scan()
+	readAll(t, tl)
+	for _, l := range strings.Split(strings.TrimSpace(string(enc.buf)), "\n") {
+		var m struct {
+			Pod    string            `json:"pod"`
+			Labels map[string]string `json:"labels"`
+		}
+		json.Unmarshal([]byte(l), &m)
+		if m.Pod != "upload-0" || m.Labels["app"] != "upload" || m.Labels["tier"] != "web" {
+			t.Fatalf("record %s lacks pod labels", l)
+		}
+	}
+}
