@@ -439,4 +439,3 @@ func TestLongMessageTruncated(t *testing.T) {
 	}
 	t.Fatal("no event")
 }
-

@@ -1,0 +1,399 @@
+// Package k8s checks podkeeper's Kubernetes packaging: manifests/ and every
+// kustomize overlay keep the Pod Security "restricted" settings and the agents'
+// wiring (TestRestricted*, run by make test), and, when test/k8s/check.sh has
+// started a real kube-apiserver, that the API accepts them, that the RBAC is
+// exactly what the agents call, and that agents/kube posts Events and reads
+// labels on it (apiserver_test.go).
+package k8s
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/podkeeper/podkeeper/test/peers"
+)
+
+type obj = map[string]any
+
+// source is one thing a user applies: a manifests/ file or a rendered overlay.
+type source struct {
+	name string
+	docs []obj
+}
+
+func root() string { return peers.Root() }
+
+func parseDocs(t testing.TB, name string, b []byte) []obj {
+	t.Helper()
+	var out []obj
+	for _, part := range bytes.Split(b, []byte("\n---")) {
+		var o obj
+		if err := yaml.Unmarshal(part, &o); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if len(o) > 0 {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+// render runs kustomize (the library kubectl embeds) on dir.
+func render(t testing.TB, dir string) []byte {
+	t.Helper()
+	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
+	m, err := k.Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("kustomize %s: %v", dir, err)
+	}
+	b, err := m.AsYaml()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func overlays(t testing.TB) []string {
+	t.Helper()
+	dirs, err := filepath.Glob(filepath.Join(root(), "kustomize", "overlays", "*"))
+	if err != nil || len(dirs) < 3 {
+		t.Fatalf("overlays: %v %v", dirs, err)
+	}
+	return dirs
+}
+
+func sources(t testing.TB) []source {
+	t.Helper()
+	var out []source
+	files, _ := filepath.Glob(filepath.Join(root(), "manifests", "*.yaml"))
+	if len(files) < 5 {
+		t.Fatalf("manifests: %v", files)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, source{"manifests/" + filepath.Base(f), parseDocs(t, f, b)})
+	}
+	for _, d := range overlays(t) {
+		out = append(out, source{"kustomize/overlays/" + filepath.Base(d), parseDocs(t, d, render(t, d))})
+	}
+	return out
+}
+
+func get(o any, path ...string) any {
+	for _, p := range path {
+		m, ok := o.(obj)
+		if !ok {
+			return nil
+		}
+		o = m[p]
+	}
+	return o
+}
+
+func list(o any, path ...string) []any {
+	l, _ := get(o, path...).([]any)
+	return l
+}
+
+func str(o any, path ...string) string { s, _ := get(o, path...).(string); return s }
+
+// podSpec returns the Pod spec of a workload (nil for other kinds).
+func podSpec(o obj) obj {
+	switch o["kind"] {
+	case "Pod":
+		s, _ := o["spec"].(obj)
+		return s
+	case "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job":
+		s, _ := get(o, "spec", "template", "spec").(obj)
+		return s
+	}
+	return nil
+}
+
+var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+
+var agentNames = []string{"restore", "syncer", "logshipper"}
+
+// violations lists every restricted setting (and podkeeper wiring rule) the
+// workload o breaks. Empty = good.
+func violations(o obj) []string {
+	spec := podSpec(o)
+	if spec == nil {
+		return nil
+	}
+	var v []string
+	bad := func(format string, args ...any) { v = append(v, fmt.Sprintf(format, args...)) }
+	for _, k := range []string{"hostNetwork", "hostPID", "hostIPC"} {
+		if get(spec, k) == true {
+			bad("%s: true", k)
+		}
+	}
+	for _, vol := range list(spec, "volumes") {
+		if get(vol, "hostPath") != nil {
+			bad("volume %s: hostPath", str(vol, "name"))
+		}
+	}
+	podNonRoot := get(spec, "securityContext", "runAsNonRoot") == true
+	podSeccomp := str(spec, "securityContext", "seccompProfile", "type")
+	if u, ok := get(spec, "securityContext", "runAsUser").(float64); ok && u == 0 {
+		bad("pod runAsUser: 0")
+	}
+	var all []any
+	all = append(all, list(spec, "initContainers")...)
+	all = append(all, list(spec, "containers")...)
+	if len(all) == 0 {
+		bad("no containers")
+	}
+	seen := map[string]int{}
+	for i, c := range all {
+		name := str(c, "name")
+		seen[name] = i
+		sc, _ := get(c, "securityContext").(obj)
+		if sc == nil {
+			bad("%s: no securityContext", name)
+			continue
+		}
+		if sc["allowPrivilegeEscalation"] != false {
+			bad("%s: allowPrivilegeEscalation must be false", name)
+		}
+		if sc["privileged"] == true {
+			bad("%s: privileged", name)
+		}
+		if !slices.Contains(list(sc, "capabilities", "drop"), any("ALL")) {
+			bad("%s: capabilities.drop must contain ALL", name)
+		}
+		if add := list(sc, "capabilities", "add"); len(add) > 0 {
+			bad("%s: capabilities.add %v", name, add)
+		}
+		if sc["readOnlyRootFilesystem"] != true {
+			bad("%s: readOnlyRootFilesystem must be true", name)
+		}
+		if !podNonRoot && sc["runAsNonRoot"] != true {
+			bad("%s: runAsNonRoot must be true (pod or container)", name)
+		}
+		if u, ok := sc["runAsUser"].(float64); ok && u == 0 {
+			bad("%s: runAsUser 0", name)
+		}
+		if podSeccomp != "RuntimeDefault" && podSeccomp != "Localhost" {
+			if t := str(sc, "seccompProfile", "type"); t != "RuntimeDefault" && t != "Localhost" {
+				bad("%s: seccompProfile must be RuntimeDefault (pod or container)", name)
+			}
+		}
+		// $(VAR) expands only when VAR is declared earlier in env (or comes from envFrom).
+		declared := map[string]bool{}
+		for _, e := range list(c, "env") {
+			val := str(e, "value")
+			for _, m := range varRef.FindAllStringSubmatch(val, -1) {
+				if !declared[m[1]] {
+					bad("%s: env %s uses $(%s) before it is declared", name, str(e, "name"), m[1])
+				}
+			}
+			declared[str(e, "name")] = true
+		}
+		if slices.Contains(agentNames, name) {
+			if u, _ := sc["runAsUser"].(float64); u != 65532 {
+				bad("%s: runAsUser must be 65532", name)
+			}
+			if str(c, "resources", "limits", "memory") == "" || str(c, "resources", "requests", "memory") == "" || str(c, "resources", "requests", "cpu") == "" {
+				bad("%s: requests (cpu, memory) and a memory limit are required", name)
+			}
+		}
+	}
+	// podkeeper wiring: where the agents are, they are complete and in order.
+	_, hasRestore := seen["restore"]
+	if hasRestore || str(o, "metadata", "labels", "podkeeper.io/agents") == "enabled" {
+		for _, a := range agentNames {
+			if _, ok := seen[a]; !ok {
+				bad("agent %s missing", a)
+			}
+		}
+		inits := list(spec, "initContainers")
+		if !slices.ContainsFunc(inits, func(c any) bool { return str(c, "name") == "restore" }) {
+			bad("restore must be an init container")
+		}
+		for i, c := range inits {
+			n := str(c, "name")
+			if n == "syncer" || n == "logshipper" {
+				if i < seen["restore"] {
+					bad("%s declared before restore: it would start before the restore finished", n)
+				}
+				if str(c, "restartPolicy") != "Always" {
+					bad("%s: an init container without restartPolicy: Always blocks the Pod", n)
+				}
+			}
+		}
+		for _, n := range []string{"syncer", "logshipper"} {
+			if i, ok := seen[n]; ok && (get(all[i], "startupProbe") == nil || get(all[i], "livenessProbe") == nil) {
+				bad("%s: startupProbe and livenessProbe required", n)
+			}
+		}
+		grace, _ := get(spec, "terminationGracePeriodSeconds").(float64)
+		if grace < 25+20+5 {
+			bad("terminationGracePeriodSeconds %v must exceed SYNC_SHUTDOWN_TIMEOUT (25s) + LOGSHIP_SHUTDOWN_TIMEOUT (20s) + the app's own", grace)
+		}
+	}
+	return v
+}
+
+func TestRestrictedManifestsAndOverlays(t *testing.T) {
+	workloads, agents := 0, 0
+	for _, s := range sources(t) {
+		for _, o := range s.docs {
+			if podSpec(o) == nil {
+				continue
+			}
+			workloads++
+			id := fmt.Sprintf("%s: %s/%s", s.name, o["kind"], str(o, "metadata", "name"))
+			for _, v := range violations(o) {
+				t.Errorf("%s: %s", id, v)
+			}
+			if slices.ContainsFunc(list(podSpec(o), "initContainers"), func(c any) bool { return str(c, "name") == "restore" }) {
+				agents++
+			}
+		}
+	}
+	// manifests: deployment + statefulset; overlays: one upload workload each.
+	if agents < 2+len(overlays(t)) {
+		t.Errorf("only %d workloads carry the agents (of %d workloads): the component did not apply somewhere", agents, workloads)
+	}
+}
+
+// The checker itself: removing any one restricted setting from a good
+// workload must be reported.
+func TestRestrictedCheckerCatchesEachSetting(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(root(), "manifests", "deployment.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := parseDocs(t, "deployment.yaml", b)[0]
+	if v := violations(good); len(v) > 0 {
+		t.Fatalf("good deployment reported: %v", v)
+	}
+	mutations := map[string]func(spec obj){
+		"pod runAsNonRoot + container runAsNonRoot": func(s obj) {
+			delete(get(s, "securityContext").(obj), "runAsNonRoot")
+			delete(get(list(s, "containers")[0], "securityContext").(obj), "runAsNonRoot")
+		},
+		"allowPrivilegeEscalation": func(s obj) {
+			delete(get(list(s, "initContainers")[1], "securityContext").(obj), "allowPrivilegeEscalation")
+		},
+		"drop ALL": func(s obj) { get(list(s, "initContainers")[2], "securityContext").(obj)["capabilities"] = obj{} },
+		"add NET_RAW": func(s obj) {
+			get(list(s, "initContainers")[0], "securityContext", "capabilities").(obj)["add"] = []any{"NET_RAW"}
+		},
+		"readOnlyRootFilesystem": func(s obj) { get(list(s, "containers")[0], "securityContext").(obj)["readOnlyRootFilesystem"] = false },
+		"seccomp": func(s obj) {
+			delete(get(s, "securityContext").(obj), "seccompProfile")
+			delete(get(list(s, "initContainers")[0], "securityContext").(obj), "seccompProfile")
+		},
+		"privileged":        func(s obj) { get(list(s, "initContainers")[1], "securityContext").(obj)["privileged"] = true },
+		"hostNetwork":       func(s obj) { s["hostNetwork"] = true },
+		"hostPath":          func(s obj) { s["volumes"] = append(list(s, "volumes"), obj{"name": "h", "hostPath": obj{"path": "/"}}) },
+		"root user":         func(s obj) { get(list(s, "initContainers")[0], "securityContext").(obj)["runAsUser"] = 0.0 },
+		"memory limit":      func(s obj) { delete(get(list(s, "initContainers")[1], "resources", "limits").(obj), "memory") },
+		"sidecar policy":    func(s obj) { delete(list(s, "initContainers")[1].(obj), "restartPolicy") },
+		"startup probe":     func(s obj) { delete(list(s, "initContainers")[2].(obj), "startupProbe") },
+		"grace period":      func(s obj) { s["terminationGracePeriodSeconds"] = 30.0 },
+		"agent missing":     func(s obj) { s["initContainers"] = list(s, "initContainers")[:2] },
+		"restore not first": func(s obj) { l := list(s, "initContainers"); l[0], l[1] = l[1], l[0] },
+		"env order": func(s obj) {
+			c := list(s, "initContainers")[0].(obj)
+			c["env"] = append([]any{obj{"name": "STORE_URL", "value": "s3://b/$(POD_NAME)"}}, list(c, "env")...)
+		},
+	}
+	for name, mutate := range mutations {
+		bad := parseDocs(t, "deployment.yaml", b)[0]
+		mutate(podSpec(bad))
+		if v := violations(bad); len(v) == 0 {
+			t.Errorf("removing %q went unnoticed", name)
+		}
+	}
+}
+
+// components/agents/agents.yaml is the kustomize form of manifests/deployment.yaml's
+// agents; classic-sidecars the same without restartPolicy. They must not drift.
+func TestComponentMatchesManifests(t *testing.T) {
+	read := func(p string) obj {
+		b, err := os.ReadFile(filepath.Join(root(), p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return parseDocs(t, p, b)[0]
+	}
+	dep := podSpec(read("manifests/deployment.yaml"))
+	comp := get(read("kustomize/components/agents/agents.yaml"), "spec", "template", "spec").(obj)
+	if !reflect.DeepEqual(list(dep, "initContainers"), list(comp, "initContainers")) {
+		t.Error("components/agents/agents.yaml initContainers differ from manifests/deployment.yaml's")
+	}
+	for _, k := range []string{"securityContext", "terminationGracePeriodSeconds", "serviceAccountName", "automountServiceAccountToken"} {
+		if !reflect.DeepEqual(dep[k], comp[k]) {
+			t.Errorf("component %s = %v, manifests %v", k, comp[k], dep[k])
+		}
+	}
+	classic := get(read("kustomize/components/classic-sidecars/agents.yaml"), "spec", "template", "spec").(obj)
+	want := list(dep, "initContainers")
+	got := append(append([]any{}, list(classic, "initContainers")...), list(classic, "containers")...)
+	if len(got) != len(want) {
+		t.Fatalf("classic-sidecars has %d agents", len(got))
+	}
+	for i := range want {
+		w := maps(want[i].(obj))
+		delete(w, "restartPolicy")
+		if !reflect.DeepEqual(w, got[i]) {
+			t.Errorf("classic-sidecars %s differs from manifests", str(want[i], "name"))
+		}
+	}
+}
+
+func maps(o obj) obj {
+	c := obj{}
+	for k, v := range o {
+		c[k] = v
+	}
+	return c
+}
+
+// The variables the manifests set must be ones the agents read: a typo in a
+// ConfigMap key is silently ignored by the agent.
+func TestConfigMapKeysAreKnownVariables(t *testing.T) {
+	known := map[string]bool{"STORE_URL": true}
+	for _, f := range []string{"README.md"} {
+		b, err := os.ReadFile(filepath.Join(root(), f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "| `") {
+				known[strings.Trim(strings.Fields(line)[1], "`")] = true
+			}
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(root(), "manifests", "config.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range parseDocs(t, "config.yaml", b) {
+		if o["kind"] != "ConfigMap" {
+			continue
+		}
+		for k := range get(o, "data").(obj) {
+			if !known[k] {
+				t.Errorf("ConfigMap key %s is no agent variable in README's tables", k)
+			}
+		}
+	}
+}
