@@ -50,8 +50,10 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 			errs.Add("SYNC_DIR", env.Get("SYNC_DIR"), "must be an absolute path")
 		} else if fi, err := os.Stat(c.Dir); err != nil || !fi.IsDir() {
 			errs.Add("SYNC_DIR", env.Get("SYNC_DIR"), "must be an existing directory")
-		} else {
-			c.Dir = filepath.Clean(c.Dir)
+		} else if real, err := filepath.EvalSymlinks(c.Dir); err == nil {
+			// Events name paths under the real directory; a symlinked SYNC_DIR
+			// would otherwise never match them.
+			c.Dir = real
 		}
 	}
 	if !errs.Has("SYNC_EXCLUDE") {

@@ -570,7 +570,11 @@ func (s *Syncer) handleEvent(ev fsnotify.Event, now time.Time) {
 	}
 	if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
 		s.gone(rel)
-		_ = s.watcher.Remove(ev.Name) // a directory's watch; files have none
+		// A directory's watch; files have none and Remove then fails.
+		if s.watcher.Remove(ev.Name) == nil {
+			s.watches--
+			s.m.watches.Set(float64(s.watches))
+		}
 		return
 	}
 	fi, err := os.Lstat(ev.Name)
