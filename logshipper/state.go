@@ -248,7 +248,7 @@ func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
 		// A receiver that is up but slower than the reader gets backpressure at
 		// the memory budget (the log files are the buffer); only one that fails
 		// makes batches go to the spool.
-		full = full || (!st.failing && st.waiting() > inMemoryBytes)
+		full = full || (!st.failing && st.waiting() > 0 && st.waiting()+int64(b.Size) > inMemoryBytes)
 		ch := st.changed
 		st.mu.Unlock()
 		if !full {

@@ -80,6 +80,7 @@ type tailer struct {
 	now        time.Time
 
 	pauseLogged time.Time
+	lastScan    time.Time
 }
 
 func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, st *state, enc *encoder, resume map[fileID]position) (*tailer, error) {
@@ -274,6 +275,7 @@ func statID(fi os.FileInfo) fileID {
 }
 
 func (t *tailer) scan() {
+	t.lastScan = t.now
 	matched := map[fileID]bool{}
 	for _, g := range t.cfg.Paths {
 		dirs, _ := filepath.Glob(filepath.Dir(g))
@@ -627,8 +629,11 @@ func (t *tailer) seal() error {
 					t.log.Info("buffer full: reading paused until the receiver catches up", "max_bytes", t.cfg.BufferMaxBytes)
 				}
 				paused = true
-				t.now = time.Now()
-				t.scan()
+				// Every commit wakes this wait: rescan at the usual pace only.
+				if now := time.Now(); now.Sub(t.lastScan) >= rescanEvery {
+					t.now = now
+					t.scan()
+				}
 			})
 		})
 	if paused {
