@@ -27,6 +27,9 @@ const (
 var (
 	reAppSIGTERM   = regexp.MustCompile(`app \S+ received terminated`)
 	reAgentSIGTERM = regexp.MustCompile(`signal received, shutting down`)
+	// the agents' messages, in LOG_FORMAT json ("msg":"drained") or text (msg=drained)
+	reDrained  = regexp.MustCompile(`msg"?[:=]"?drained\b`)
+	reRestored = regexp.MustCompile(`msg"?[:=]"?restored\b`)
 )
 
 // TestStatefulSetLifecycle is the issue's main scenario on the real StatefulSet overlay:
@@ -35,18 +38,29 @@ var (
 // getting every file back byte-identical before its app starts, with nothing uploaded again.
 func TestStatefulSetLifecycle(t *testing.T) {
 	needAgents(t)
+	lifecycle(t, "e2e-sts", "statefulset", "app.kubernetes.io/name=upload-sts", "statefulset/upload-sts-0/")
+}
+
+// TestDeploymentLifecycle: the same checks on the Deployment variant, where podkeeper is
+// attached to an existing workload through components/agents (kustomize/overlays/dev).
+func TestDeploymentLifecycle(t *testing.T) {
+	needAgents(t)
+	lifecycle(t, "e2e-deploy", "deployment", "app.kubernetes.io/name=upload-app", "uploads/")
+}
+
+// lifecycle runs the scenario on the overlay's single-replica workload whose pods match
+// selector, with the agents storing under prefix in the overlays' bucket.
+func lifecycle(t *testing.T, nsName, overlay, selector, prefix string) {
 	s, keys := s3Peer(t)
 	recv := peers.StartOtelFwd(t)
-	n := newNS(t, "e2e-sts")
-	const pod = "upload-sts-0"
-	prefix := "statefulset/" + pod + "/"
+	n := newNS(t, nsName)
 
 	// 1. First start on an empty prefix.
 	start := time.Now()
-	n.applyOverlay("statefulset", map[string]string{"S3_ENDPOINT": s.Endpoint, "FLUENT_ADDR": recv.Addr}, keys, "")
+	n.applyOverlay(overlay, map[string]string{"S3_ENDPOINT": s.Endpoint, "FLUENT_ADDR": recv.Addr}, keys, "")
+	pod, uid1 := n.onePod(selector, "", 2*time.Minute)
 	n.waitPodReady(pod, 3*time.Minute)
-	phase(t, "sts: apply -> upload-sts-0 Ready (empty prefix)", start)
-	uid1 := n.jsonpath("pod/"+pod, "{.metadata.uid}")
+	phase(t, overlay+": apply -> "+pod+" Ready (empty prefix)", start)
 	restoreLog := n.mustK("logs", pod, "-c", "restore")
 	events := n.mustK("get", "events", "--field-selector", "involvedObject.name="+pod, "-o", "custom-columns=REASON:.reason,MESSAGE:.message", "--no-headers")
 	if !strings.Contains(restoreLog, "starting empty") && !strings.Contains(events, "Restored") {
@@ -75,10 +89,10 @@ func TestStatefulSetLifecycle(t *testing.T) {
 		}
 		return nil
 	})
-	phase(t, fmt.Sprintf("sts: %d files (%d KiB large) in S3", len(written), largeKiB), start)
+	phase(t, fmt.Sprintf(overlay+": %d files (%d KiB large) in S3", len(written), largeKiB), start)
 	start = time.Now()
 	n.waitLines(recv, "b1", nLines, pod)
-	phase(t, fmt.Sprintf("sts: %d log lines at the receiver", nLines), start)
+	phase(t, fmt.Sprintf(overlay+": %d log lines at the receiver", nLines), start)
 	before := listObjects(t, s, overlayBucket, prefix+"data/")
 
 	// 3. Delete the pod: SIGTERM to the app first, then the sidecars; final snapshot; every line delivered.
@@ -100,7 +114,7 @@ func TestStatefulSetLifecycle(t *testing.T) {
 	if !tApp.Before(tSync) || !tApp.Before(tShip) {
 		t.Errorf("the app must get SIGTERM before the sidecars: app %s, syncer %s, logshipper %s", tApp, tSync, tShip)
 	}
-	if !strings.Contains(syncOut, `"drained"`) {
+	if !reDrained.MatchString(syncOut) {
 		t.Errorf("syncer did not report a complete drain:\n%s", syncOut)
 	}
 	m := latestSnapshot(t, s, prefix)
@@ -113,18 +127,13 @@ func TestStatefulSetLifecycle(t *testing.T) {
 		t.Errorf("final snapshot %s vs files written: %s", m.ID, d)
 	}
 	n.waitLines(recv, "b1", nLines, pod)
-	phase(t, "sts: delete -> app, sidecars stopped, final snapshot "+m.ID, start)
+	phase(t, overlay+": delete -> app, sidecars stopped, final snapshot "+m.ID, start)
 
 	// 4. The StatefulSet brings upload-sts-0 back: every file restored byte-identical before the app starts.
 	start = time.Now()
-	n.waitFor(2*time.Minute, "a new "+pod, func() error {
-		if uid := n.jsonpath("pod/"+pod, "{.metadata.uid}"); uid == "" || uid == uid1 {
-			return fmt.Errorf("pod uid %q (old %s)", uid, uid1)
-		}
-		return nil
-	})
+	pod, _ = n.onePod(selector, uid1, 2*time.Minute)
 	n.waitPodReady(pod, 3*time.Minute)
-	phase(t, "sts: new upload-sts-0 Ready (restored)", start)
+	phase(t, overlay+": new "+pod+" Ready (restored)", start)
 	appLog = n.waitAppStarted(pod)
 	if d := diff(appFiles(appLog), written); d != "" {
 		t.Errorf("files the new app saw at its start (sha256 computed inside the pod) vs written: %s\n%s", d, appLog)
@@ -133,7 +142,7 @@ func TestStatefulSetLifecycle(t *testing.T) {
 		t.Errorf("sha256 inside the new pod vs written: %s", d)
 	}
 	restoreLog = n.mustK("logs", pod, "-c", "restore")
-	if !strings.Contains(restoreLog, `"restored"`) {
+	if !reRestored.MatchString(restoreLog) {
 		t.Errorf("restore did not report a restore:\n%s", restoreLog)
 	}
 	// The syncer uploads nothing again: after a new file made it to S3 (so the syncer has
@@ -151,7 +160,33 @@ func TestStatefulSetLifecycle(t *testing.T) {
 			t.Errorf("%s was uploaded again after the restore: before %+v, after %+v", k, o, a)
 		}
 	}
-	phase(t, "sts: restored pod uploads only new files", start)
+	phase(t, overlay+": restored pod uploads only new files", start)
+}
+
+// onePod waits for exactly one live pod matching selector whose UID is not notUID, and
+// returns its name and UID.
+func (n *ns) onePod(selector, notUID string, timeout time.Duration) (name, uid string) {
+	n.t.Helper()
+	n.waitFor(timeout, "one pod "+selector, func() error {
+		out, err := n.k("get", "pods", "-l", selector, "-o", `jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} {.metadata.deletionTimestamp}{"\n"}{end}`)
+		if err != nil {
+			return err
+		}
+		var live []string
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			// a third field is the deletion time: that pod is on its way out
+			if f := strings.Fields(l); len(f) == 2 && f[1] != notUID {
+				live = append(live, l)
+			}
+		}
+		if len(live) != 1 {
+			return fmt.Errorf("pods %q", out)
+		}
+		f := strings.Fields(live[0])
+		name, uid = f[0], f[1]
+		return nil
+	})
+	return name, uid
 }
 
 // waitAppStarted returns the app's log once it has listed the files it found at start.
