@@ -137,6 +137,12 @@ func (s *Syncer) multipart(ctx context.Context, f *os.File, file snapshot.File, 
 	if j == nil {
 		j = &store.MultipartJournal{Key: key, Size: file.Size, MTimeNS: file.MTime.UnixNano(), SHA256: file.SHA256}
 	} else if j.UploadID != "" {
+		// Killed between Complete and removing the journal: the object is
+		// already there and the upload id is gone.
+		if h, err := s.st.Head(ctx, key); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
+			_ = os.Remove(jp)
+			return h, nil
+		}
 		s.log.Info("resuming multipart upload", "path", file.Path, "parts_done", j.PartCount())
 	}
 	info, err := s.s3.UploadFileResumable(ctx, key, f, file.Size, j, store.MultipartOptions{
