@@ -33,6 +33,14 @@ func overlayDir(t *testing.T, name string) string {
 // is appended to the generated kustomization's patches (YAML list items).
 func (n *ns) applyOverlay(name string, cm, secret map[string]string, extra string) string {
 	n.t.Helper()
+	out := n.renderOverlay(name, cm, secret, extra)
+	n.mustApply(out)
+	return out
+}
+
+// renderOverlay is applyOverlay without the apply: the YAML kustomize produced.
+func (n *ns) renderOverlay(name string, cm, secret map[string]string, extra string) string {
+	n.t.Helper()
 	dir := n.t.TempDir()
 	rel, err := filepath.Rel(dir, overlayDir(n.t, name))
 	if err != nil {
@@ -64,7 +72,6 @@ func (n *ns) applyOverlay(name string, cm, secret map[string]string, extra strin
 	if err != nil {
 		n.t.Fatalf("%v\n--- kustomization ---\n%s", err, b.String())
 	}
-	n.mustApply(out)
 	return out
 }
 
