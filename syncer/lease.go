@@ -135,6 +135,8 @@ func (l *lease) keep(ctx context.Context, lost chan<- error) {
 			l.s.m.leaseRenewals.Inc()
 		case ctx.Err() != nil:
 			return
+		case errors.Is(err, store.ErrPrecondition) && l.stillOurs(ctx, acquired):
+			l.s.m.leaseRenewals.Inc()
 		case errors.Is(err, store.ErrPrecondition):
 			msg := "lease lost: another writer replaced " + LeaseKey + "; stopping so two syncers never write one prefix"
 			l.s.rec.Event(ctx, events.Warning, "LeaseConflict", msg)
@@ -144,6 +146,27 @@ func (l *lease) keep(ctx context.Context, lost chan<- error) {
 			l.s.log.Warn("lease renewal failed", "err", err)
 		}
 	}
+}
+
+// stillOurs handles a renewal whose response was lost and whose retry then
+// failed its If-Match: if the object is the one we wrote, adopt its ETag.
+func (l *lease) stillOurs(ctx context.Context, acquired time.Time) bool {
+	rc, info, err := l.s.st.Get(ctx, LeaseKey, store.GetOptions{})
+	if err != nil {
+		return false
+	}
+	defer rc.Close()
+	var cur LeaseDoc
+	if json.NewDecoder(io.LimitReader(rc, 64<<10)).Decode(&cur) != nil {
+		return false
+	}
+	if cur.Pod != l.s.cfg.Base.PodName || cur.Host != l.s.host || !cur.Acquired.Equal(acquired) {
+		return false
+	}
+	l.mu.Lock()
+	l.etag, l.doc = info.ETag, cur
+	l.mu.Unlock()
+	return true
 }
 
 // release deletes the lease if it is still ours.

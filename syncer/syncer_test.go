@@ -637,8 +637,8 @@ during:
 	if err != nil || len(m.Files) != len(want) {
 		t.Fatalf("final snapshot: %v (%v), want %d files", m, err, len(want))
 	}
-	if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 {
-		t.Error("no retries counted: the outage did not hit an upload")
+	if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 || !r.rec.has("UploadsFailing") {
+		t.Error("no retries counted or no UploadsFailing event: the outage did not hit an upload")
 	}
 }
 
