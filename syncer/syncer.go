@@ -867,6 +867,7 @@ func (s *Syncer) handleResult(r result, now time.Time) {
 		s.m.bytes.WithLabelValues("ok").Add(float64(r.bytesSent))
 		s.files[r.rel] = r.file
 		s.dirty = true
+		s.log.Debug("uploaded", "path", r.rel, "size", r.file.Size, "pending", len(s.pending)-1)
 		if p != nil && p.gen == r.gen {
 			delete(s.pending, r.rel)
 		}
