@@ -2,6 +2,7 @@ package logshipper_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -255,4 +256,60 @@ wait:
 	if code := p.term(30 * time.Second); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
+}
+
+// Lines spooled while the receiver is down survive a SIGKILL of the shipper
+// even when their log file is gone by the restart: they are sent from the
+// spool, not read again.
+func TestSpoolSurvivesCrash(t *testing.T) {
+	r := peers.StartOtelFwd(t)
+	r.Terminate()
+	dir := t.TempDir()
+	env := baseEnv(t, r, dir)
+	state := strings.TrimPrefix(env[1], "LOGSHIP_STATE_DIR=")
+	path := filepath.Join(dir, "app.log")
+	w := newWriter(t, path, "spool", 150)
+	p := startShipper(t, env...)
+	w.write(60000) // ~10 MiB: beyond what waits in memory, so it goes to the spool
+	if err := peers.WaitFor(context.Background(), 60*time.Second, func() error {
+		n := spooledRecords(t, filepath.Join(state, "spool"))
+		if n < 60000 {
+			return fmt.Errorf("%d of 60000 records spooled", n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, p.tail())
+	}
+	p.kill()
+	exp := w.expected()
+	os.Remove(path)
+	r.Restart(t)
+	p.start()
+	got := waitAll(t, r, p, exp, 90*time.Second)
+	exactlyOnce(t, got, exp)
+	if code := p.term(30 * time.Second); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+}
+
+// spooledRecords sums the record counts in the spool's batch headers.
+func spooledRecords(t *testing.T, dir string) int {
+	entries, _ := os.ReadDir(dir)
+	n := 0
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".batch") {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		var head struct {
+			Records int `json:"records"`
+		}
+		json.NewDecoder(f).Decode(&head)
+		f.Close()
+		n += head.Records
+	}
+	return n
 }
