@@ -66,7 +66,7 @@ func testWatch(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	staging := t.TempDir()
 	const prefix = "watch"
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=400ms"), Options{})
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1s"), Options{})
 
 	want := map[string][]byte{}
 	put := func(rel string, b []byte) {
@@ -538,8 +538,14 @@ func testSIGTERMDrain(t *testing.T, srv *peers.S3Server) {
 func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	const prefix = "guard"
 	dir := t.TempDir()
+	outside := t.TempDir()
+	// Eight files in vol/ disappear at once (one rename, like an unmount).
 	for i := range 10 {
-		writeFile(t, filepath.Join(dir, fmt.Sprintf("f%d.txt", i)), []byte(fmt.Sprintf("file %d", i)))
+		rel := fmt.Sprintf("f%d.txt", i)
+		if i < 8 {
+			rel = "vol/" + rel
+		}
+		writeFile(t, filepath.Join(dir, rel), []byte(fmt.Sprintf("file %d", i)))
 	}
 	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"), Options{})
 	st := s3Store(t, srv, prefix)
@@ -558,8 +564,8 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	if err := snapWith(10); err != nil {
 		t.Fatal(err)
 	}
-	for i := range 8 {
-		os.Remove(filepath.Join(dir, fmt.Sprintf("f%d.txt", i)))
+	if err := os.Rename(filepath.Join(dir, "vol"), filepath.Join(outside, "vol")); err != nil {
+		t.Fatal(err)
 	}
 	err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 		if gaugeValue(r.s.health, "podkeeper_syncer_mass_delete_blocked") != 1 || !r.rec.has("MassDeleteBlocked") {
@@ -575,7 +581,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	}
 	// Four come back: 6 of 10 present drops 4, within the guard.
 	for i := range 4 {
-		writeFile(t, filepath.Join(dir, fmt.Sprintf("f%d.txt", i)), []byte(fmt.Sprintf("file %d again", i)))
+		writeFile(t, filepath.Join(dir, "vol", fmt.Sprintf("f%d.txt", i)), []byte(fmt.Sprintf("file %d again", i)))
 	}
 	if err := snapWith(6); err != nil {
 		t.Fatal(err)
