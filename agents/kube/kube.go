@@ -224,8 +224,8 @@ func (k *Kube) canCreateEvents(ctx context.Context, client *rest.RESTClient) err
 	if err != nil {
 		return err
 	}
-	raw, err := client.Post().AbsPath("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews").
-		SetHeader("Content-Type", "application/json").Body(body).Do(ctx).Raw()
+	raw, err := rawBody(client.Post().AbsPath("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews").
+		SetHeader("Content-Type", "application/json").Body(body).Do(ctx))
 	if err != nil {
 		return fmt.Errorf("check permission to create events: %w", err)
 	}
@@ -464,7 +464,7 @@ func (k *Kube) write(ctx context.Context, w *write, now time.Time) (string, erro
 	if err != nil {
 		return "", err
 	}
-	raw, err := k.client.Post().Namespace(k.base.PodNamespace).Resource("events").Body(body).Do(rctx).Raw()
+	raw, err := rawBody(k.client.Post().Namespace(k.base.PodNamespace).Resource("events").Body(body).Do(rctx))
 	if err != nil {
 		return "", k.failed(w, err)
 	}

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -248,6 +250,16 @@ func TestForbidden(t *testing.T) {
 	defer k.Close(t.Context())
 	if k.Enabled() || !strings.Contains(buf.String(), "events stay in the log") {
 		t.Fatalf("auto + forbidden: enabled=%v log:\n%s", k.Enabled(), buf)
+	}
+}
+
+func TestForbiddenPodRead(t *testing.T) {
+	f := newFakeAPI(t)
+	f.fail["GET"] = []int{403}
+	log, _ := testLog()
+	_, err := New(t.Context(), base("true"), log, f.opts())
+	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "fake 403") {
+		t.Fatalf("want the API's Forbidden with its message, got %v", err)
 	}
 }
 

@@ -78,7 +78,7 @@ type accessReview struct {
 func apiTime(t time.Time) string { return t.UTC().Format(time.RFC3339) }
 
 func getPod(ctx context.Context, c *rest.RESTClient, ns, name string) (*pod, error) {
-	raw, err := c.Get().Namespace(ns).Resource("pods").Name(name).Do(ctx).Raw()
+	raw, err := rawBody(c.Get().Namespace(ns).Resource("pods").Name(name).Do(ctx))
 	if err != nil {
 		return nil, err
 	}
@@ -87,4 +87,13 @@ func getPod(ctx context.Context, c *rest.RESTClient, ns, name string) (*pod, err
 		return nil, err
 	}
 	return p, nil
+}
+
+// rawBody is Result.Raw with the API's Status decoded into the error (Raw
+// alone returns a generic "unknown" error, losing Forbidden's message).
+func rawBody(r rest.Result) ([]byte, error) {
+	if err := r.Error(); err != nil {
+		return nil, err
+	}
+	return r.Raw()
 }

@@ -73,7 +73,7 @@ fi
 printf '%-12s %12s %12s %8s\n' image uncompressed gzip build
 for t in $TARGETS; do
   s=$(date +%s)
-  "${B[@]}" bud --quiet --isolation chroot --pull=never --layers=false \
+  "${B[@]}" bud --quiet --isolation chroot --pull=never --layers \
     --build-arg GO_IMAGE=localhost/golang:1.26 --build-arg BASE_IMAGE=localhost/static:nonroot \
     --build-arg GOPROXY=off --build-arg VERSION="$VERSION" \
     --volume "$(go env GOMODCACHE):/go/pkg/mod:ro" \
