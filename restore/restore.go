@@ -212,9 +212,11 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	if err := r.fetchAll(ctx, t, state.tmp, p); err != nil {
 		return nil, err
 	}
+	fetched := time.Now()
 	if err := r.makeDurable(t, state.tmp); err != nil {
 		return nil, err
 	}
+	syncTime := time.Since(fetched)
 
 	var total int64
 	for _, f := range m.Files {
@@ -230,7 +232,7 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	}
 	r.log.Info("restored", "snapshot", m.ID, "files", res.Files, "bytes", res.Bytes, "fetched_files", res.Fetched,
 		"fetched_bytes", res.FetchedBytes, "skipped", res.Skipped, "fixed_metadata", res.Fixed, "removed", res.Removed,
-		"duration", res.DurationText, "rate_mb_s", rate(res.FetchedBytes, res.Duration))
+		"duration", res.DurationText, "sync", syncTime.Round(time.Millisecond).String(), "rate_mb_s", rate(res.FetchedBytes, res.Duration))
 	return res, nil
 }
 

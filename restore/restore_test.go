@@ -14,6 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+	s3types "github.com/aws/aws-sdk-go-v2/service/s3/types"
+
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -49,6 +53,11 @@ func TestS3(t *testing.T) {
 				testHostile(t, func(t *testing.T, prefix string) *target { return s3Target(t, srv, "hostile/"+prefix, "") })
 			})
 			t.Run("ListVerify", func(t *testing.T) { testListVerify(t, s3Target(t, srv, "ops", "")) })
+			if kind == "minio" {
+				// versitygw's posix backend keeps no versions unless started with a
+				// versioning directory; MinIO versions any bucket on request.
+				t.Run("VersionID", func(t *testing.T) { testVersionID(t, srv, s3Target(t, srv, "versions", "")) })
+			}
 		})
 	}
 }
@@ -493,5 +502,45 @@ func testListVerify(t *testing.T, tg *target) {
 	rep, err = Verify(ctx, tg.st, m1.ID, true, 4)
 	if err != nil || len(rep.Problems) != 2 {
 		t.Fatalf("deep: %v %+v", err, rep)
+	}
+}
+
+// A snapshot entry with a version_id restores that version even after the
+// object was overwritten.
+func testVersionID(t *testing.T, srv *peers.S3Server, tg *target) {
+	ctx := context.Background()
+	c := srv.Client()
+	if _, err := c.PutBucketVersioning(ctx, &s3.PutBucketVersioningInput{Bucket: aws.String(peers.Bucket),
+		VersioningConfiguration: &s3types.VersioningConfiguration{Status: s3types.BucketVersioningStatusEnabled}}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.PutBucketVersioning(ctx, &s3.PutBucketVersioningInput{Bucket: aws.String(peers.Bucket),
+		VersioningConfiguration: &s3types.VersioningConfiguration{Status: s3types.BucketVersioningStatusSuspended}})
+	v1 := []byte("version one")
+	f := snapshot.File{Path: "doc.txt", Size: int64(len(v1)), SHA256: sum(v1), MTime: baseTime, Mode: 0o644}
+	info, err := tg.st.Put(ctx, snapshot.DataKey(f.Path), bytes.NewReader(v1), f.Size, store.PutOptions{Metadata: f.Metadata()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.VersionID == "" {
+		t.Fatal("no version id from a versioned bucket")
+	}
+	f.VersionID = info.VersionID
+	m := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(baseTime, "v"), Created: baseTime, Files: []snapshot.File{f}}
+	if _, err := snapshot.Write(ctx, tg.st, m); err != nil {
+		t.Fatal(err)
+	}
+	v2 := []byte("version two, longer")
+	if _, err := tg.st.Put(ctx, snapshot.DataKey(f.Path), bytes.NewReader(v2), int64(len(v2)), store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if _, _, err := tg.run(t, dir); err != nil {
+		t.Fatal(err)
+	}
+	assertTree(t, dir, map[string]entry{"doc.txt": {data: v1, mode: 0o644, mtime: baseTime}})
+	rep, err := Verify(ctx, tg.st, m.ID, true, 2)
+	if err != nil || len(rep.Problems) != 0 {
+		t.Fatalf("verify of the versioned snapshot: %v %+v", err, rep)
 	}
 }
