@@ -329,7 +329,9 @@ func firstEntry(dir, stateRel string) (string, error) {
 	for {
 		names, err := f.Readdirnames(64)
 		for _, n := range names {
-			if stateRel != "" && n == strings.SplitN(stateRel, "/", 2)[0] {
+			// A state dir nested deeper (a/.podkeeper) does not make "a" ignorable:
+			// "a" may hold data, so it counts.
+			if n == stateRel {
 				continue
 			}
 			return n, nil
