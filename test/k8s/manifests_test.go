@@ -241,6 +241,19 @@ func violations(o obj) []string {
 				bad("%s: startupProbe and livenessProbe required", n)
 			}
 		}
+		if get(spec, "automountServiceAccountToken") != false {
+			bad("automountServiceAccountToken must be false: only the agents mount a token (podkeeper-kube-api)")
+		}
+		if g, _ := get(spec, "securityContext", "fsGroup").(float64); g != 65532 {
+			bad("pod fsGroup must be 65532 (PVC uploads volumes writable by the agents)")
+		}
+		for _, n := range agentNames {
+			if i, ok := seen[n]; ok && !slices.ContainsFunc(list(all[i], "volumeMounts"), func(m any) bool {
+				return str(m, "name") == "podkeeper-kube-api" && get(m, "readOnly") == true
+			}) {
+				bad("%s: must mount its own API token (podkeeper-kube-api, read-only)", n)
+			}
+		}
 		grace, _ := get(spec, "terminationGracePeriodSeconds").(float64)
 		if grace < 25+20+5 {
 			bad("terminationGracePeriodSeconds %v must exceed SYNC_SHUTDOWN_TIMEOUT (25s) + LOGSHIP_SHUTDOWN_TIMEOUT (20s) + the app's own", grace)
@@ -310,6 +323,9 @@ func TestRestrictedCheckerCatchesEachSetting(t *testing.T) {
 		"grace period":      func(s obj) { s["terminationGracePeriodSeconds"] = 30.0 },
 		"agent missing":     func(s obj) { s["initContainers"] = list(s, "initContainers")[:2] },
 		"restore not first": func(s obj) { l := list(s, "initContainers"); l[0], l[1] = l[1], l[0] },
+		"automount":         func(s obj) { delete(s, "automountServiceAccountToken") },
+		"fsGroup":           func(s obj) { delete(get(s, "securityContext").(obj), "fsGroup") },
+		"token mount":       func(s obj) { c := list(s, "initContainers")[2].(obj); c["volumeMounts"] = list(c, "volumeMounts")[:2] },
 		"env order": func(s obj) {
 			c := list(s, "initContainers")[0].(obj)
 			c["env"] = append([]any{obj{"name": "STORE_URL", "value": "s3://b/$(POD_NAME)"}}, list(c, "env")...)
