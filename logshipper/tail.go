@@ -27,7 +27,7 @@ const (
 	perFilePass   = 4 << 20                // most bytes of one file per pass, so one busy file does not starve others
 	pollEvery     = 250 * time.Millisecond // safety net for file systems where fsnotify misses writes
 	rescanEvery   = 2 * time.Second        // glob rescan, the safety net for missed create events
-	rotateWait    = time.Second            // a rotated file is kept this long after its last growth: writers reopen late
+	rotateWait    = 5 * time.Second        // a rotated file is kept this long after its last growth: writers reopen late (Fluent Bit's rotate_wait)
 	multilineIdle = time.Second            // a multi-line group with no new line for this long is complete
 	waitRescan    = time.Second            // rescan period while reading is paused by backpressure
 )
@@ -317,6 +317,12 @@ func (t *tailer) scan() {
 	}
 	t.m.files.Set(float64(len(t.files)))
 	if !t.scanned {
+		// Checkpointed files that no glob finds any more were rotated away while
+		// the shipper was down: drop them with the next batch so the checkpoint
+		// does not grow forever.
+		for id := range t.resume {
+			t.forget = append(t.forget, id)
+		}
 		t.scanned = true
 		if t.ready != nil {
 			t.ready()
