@@ -163,6 +163,16 @@ func TestParsing(t *testing.T) {
 		p.term(30 * time.Second)
 	})
 
+	t.Run("no-ack", func(t *testing.T) {
+		dir := t.TempDir()
+		w := newWriter(t, filepath.Join(dir, "app.log"), "noack", 40)
+		w.write(500)
+		p := startShipper(t, append(baseEnv(t, r, dir), "FLUENT_ACK=false", "FLUENT_TAG=t.noack")...)
+		recs := byTag(t, r, "t.noack", 500)
+		exactlyOnce(t, counts(recs), w.expected())
+		p.term(30 * time.Second)
+	})
+
 	t.Run("long-line", func(t *testing.T) {
 		dir := t.TempDir()
 		long := strings.Repeat("0123456789", 250) // 2500 bytes
