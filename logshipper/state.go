@@ -53,8 +53,9 @@ type batch struct {
 	frame   []byte // nil when only on disk (memory stays bounded while the receiver is down)
 	spooled bool   // written to the spool
 
-	cp       map[fileID]position // the checkpoint once this batch is acked
-	prepared chan prepared       // its temp file, written and fsynced
+	cp          map[fileID]position // the checkpoint once this batch is acked
+	prepared    chan prepared       // its temp file, written and fsynced
+	prepStarted bool
 }
 
 type checkpointFile struct {
@@ -268,6 +269,7 @@ func (st *state) add(ctx context.Context, b *batch, whileWaiting func()) error {
 	st.project(b)
 	st.queue = append(st.queue, b)
 	st.bytes += int64(b.Size)
+	st.prepareAhead()
 	var toSpool []*batch
 	if st.waiting() > inMemoryBytes {
 		for _, q := range st.queue {
@@ -344,6 +346,7 @@ func (st *state) next(ctx context.Context) (*batch, []byte, error) {
 		if st.sent < len(st.queue) {
 			b := st.queue[st.sent]
 			st.sent++
+			st.prepareAhead()
 			frame := b.frame
 			st.mu.Unlock()
 			if frame == nil {
@@ -386,13 +389,28 @@ func (st *state) project(b *batch) {
 		b.cp[id] = p
 	}
 	b.prepared = make(chan prepared, 1)
-	go func() {
-		st.syncSlots <- struct{}{}
-		tmp, err := st.prepare(b)
-		<-st.syncSlots
-		b.prepared <- prepared{tmp, err}
-	}()
 }
+
+// prepareAhead starts the checkpoint writes of the next batches to send, a few
+// ahead of the sender (not the whole queue: during a long outage that would be
+// thousands of fsyncs for batches that wait anyway). Callers hold mu.
+func (st *state) prepareAhead() {
+	for i := 0; i < len(st.queue) && i < st.sent+prepareAheadBatches; i++ {
+		b := st.queue[i]
+		if b.prepStarted {
+			continue
+		}
+		b.prepStarted = true
+		go func() {
+			st.syncSlots <- struct{}{}
+			tmp, err := st.prepare(b)
+			<-st.syncSlots
+			b.prepared <- prepared{tmp, err}
+		}()
+	}
+}
+
+const prepareAheadBatches = 8
 
 type prepared struct {
 	tmp string
