@@ -356,6 +356,17 @@ func (k *Kube) Close(ctx context.Context) error {
 	return ctx.Err()
 }
 
+// CloseWithin is Close bounded by d, for a deferred call in an agent's main:
+// an init container's last Event (Restored) must reach the API before exit,
+// but an unreachable API must not hold the Pod up.
+func (k *Kube) CloseWithin(d time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if err := k.Close(ctx); err != nil {
+		k.log.Warn("pending Kubernetes Events not all written", "err", err)
+	}
+}
+
 func (k *Kube) run() {
 	defer close(k.done)
 	tick := time.NewTicker(min(k.opts.Interval/4+time.Millisecond, time.Second))

@@ -24,7 +24,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+freeport() { # a port nothing listens on now (random in 20000-59999)
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+  done
+}
 ETCD_PORT=$(freeport); PEER_PORT=$(freeport); API_PORT=$(freeport)
 
 # --- PKI: CA, apiserver serving cert, admin client cert, service-account signing key.
@@ -91,20 +97,23 @@ K=("$BIN/kubectl")
 # --- render + server-side dry-run, zero warnings
 fail=0
 dryrun() { # name file
-  local name=$1 f=$2 ns
-  # Namespaces for real first: a dry-run Namespace does not exist for the objects after it.
-  python3 - "$f" >"$W/ns.yaml" <<'PY'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-nss = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} - {None}
-out = [d for d in docs if d["kind"] == "Namespace"]
-for n in sorted(nss - {d["metadata"]["name"] for d in out}):
-    out.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "labels": {
-        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}}})
-print(yaml.safe_dump_all(out))
-PY
-  "${K[@]}" apply --server-side -f "$W/ns.yaml" >/dev/null
-  for ns in $(python3 -c 'import sys,yaml; [print(d["metadata"]["name"]) for d in yaml.safe_load_all(open(sys.argv[1])) if d]' "$W/ns.yaml"); do
+  local name=$1 f=$2 ns objs nss
+  objs=$("${K[@]}" create --dry-run=client -f "$f" -o jsonpath='{.kind}{" "}{.metadata.name}{" "}{.metadata.namespace}{"\n"}')
+  nss=$(echo "$objs" | awk '$1 == "Namespace" { print $2 } $1 != "Namespace" && $3 != "" { print $3 }' | sort -u)
+  for ns in $nss; do
+    if ! echo "$objs" | grep -q "^Namespace $ns "; then
+      # A namespace the source does not create (overlays/aws): made here, restricted like ours.
+      "${K[@]}" create ns "$ns" --dry-run=client -o yaml >"$W/ns.yaml"
+      "${K[@]}" apply --server-side -f "$W/ns.yaml" >/dev/null
+      "${K[@]}" label --overwrite ns "$ns" pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted >/dev/null
+    fi
+  done
+  # The source's own Namespaces for real first (the only objects with this label): a dry-run
+  # Namespace does not exist for the objects after it.
+  if echo "$objs" | grep -q '^Namespace '; then
+    "${K[@]}" apply --server-side -f "$f" -l pod-security.kubernetes.io/enforce=restricted >/dev/null
+  fi
+  for ns in $nss; do
     # What the controller-manager (not running here) would create; Pods need it.
     "${K[@]}" get sa default -n "$ns" >/dev/null 2>&1 || "${K[@]}" create sa default -n "$ns" >/dev/null
     [ "$("${K[@]}" get ns "$ns" -o jsonpath='{.metadata.labels.pod-security\.kubernetes\.io/enforce}')" = restricted ] ||
