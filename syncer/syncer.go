@@ -202,7 +202,7 @@ func (s *Syncer) Health() *health.Server { return s.health }
 
 // Run syncs until ctx ends, then drains within SYNC_SHUTDOWN_TIMEOUT.
 func (s *Syncer) Run(ctx context.Context) (err error) {
-	if o := s.opts.Health; o == nil {
+	if s.opts.Health == nil {
 		if err := s.health.Start(s.cfg.HTTPAddr, s.log); err != nil {
 			return &config.Error{Errors: []config.FieldError{{Var: "SYNC_HTTP_ADDR", Value: s.cfg.HTTPAddr, Problem: err.Error()}}}
 		}
