@@ -346,7 +346,12 @@ func (k *Kube) Close(ctx context.Context) error {
 		return nil
 	}
 	k.cancel()
-	<-k.done
+	select {
+	case <-k.done:
+	case <-ctx.Done():
+		// A write in flight to a hanging API: give up rather than hold the Pod's exit.
+		return ctx.Err()
+	}
 	k.flush(ctx, time.Now(), true)
 	k.mu.Lock()
 	defer k.mu.Unlock()

@@ -43,6 +43,8 @@ type fakeAPI struct {
 	fail    map[string][]int
 	creates int
 	patches int
+	// hang, when set, holds every Event write until the channel is closed.
+	hang chan struct{}
 }
 
 func newFakeAPI(t *testing.T) *fakeAPI {
@@ -83,6 +85,14 @@ func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 	if q := f.fail[r.Method]; len(q) > 0 {
 		f.fail[r.Method] = q[1:]
 		status(w, q[0], reasons[q[0]])
+		return
+	}
+	if f.hang != nil && r.URL.Path == "/api/v1/namespaces/team/events" {
+		h := f.hang
+		f.mu.Unlock()
+		<-h
+		f.mu.Lock()
+		status(w, 503, "ServiceUnavailable")
 		return
 	}
 	body, _ := io.ReadAll(r.Body)
@@ -450,4 +460,31 @@ func TestLongMessageTruncated(t *testing.T) {
 		return
 	}
 	t.Fatal("no event")
+}
+
+// An API that accepts the connection and never answers must not hold the
+// agent's exit beyond CloseWithin's bound.
+func TestCloseWithinHangingAPI(t *testing.T) {
+	f := newFakeAPI(t)
+	log, _ := testLog()
+	k, err := New(t.Context(), base("true"), log, f.opts())
+	must(t, err)
+	f.mu.Lock()
+	f.hang = make(chan struct{})
+	f.mu.Unlock()
+	defer close(f.hang)
+	k.Event(t.Context(), events.Normal, "Restored", "x")
+	must(t, peers.WaitFor(t.Context(), 10*time.Second, func() error {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		if s := k.series[key{events.Normal, "Restored"}]; s == nil || s.pending != 0 {
+			return errors.New("write not in flight yet")
+		}
+		return nil
+	}))
+	start := time.Now()
+	k.CloseWithin(200 * time.Millisecond)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("CloseWithin(200ms) took %s", d)
+	}
 }
