@@ -211,7 +211,7 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 			out, err := s.client.UploadPart(ctx, &s3.UploadPartInput{
 				Bucket: aws.String(s.bucket), Key: aws.String(s.FullKey(key)), UploadId: aws.String(j.UploadID),
 				PartNumber: aws.Int32(n), Body: io.NewSectionReader(f, off, length), ContentLength: aws.Int64(length),
-			})
+			}, noPartChecksums)
 			if err != nil {
 				fail(ClassifyS3("upload part", key, err))
 				return
@@ -266,6 +266,15 @@ func (s *S3Store) UploadFileResumable(ctx context.Context, key string, f io.Read
 		return ObjectInfo{}, err
 	}
 	return ObjectInfo{Key: key, Size: size, ETag: aws.ToString(out.ETag), VersionID: aws.ToString(out.VersionId), Metadata: o.Metadata}, nil
+}
+
+// noPartChecksums keeps the SDK from adding a CRC32 to each part on AWS
+// (its default there): parts with checksums need the same checksums again at
+// Complete, which a journal written by an older process may not have. The
+// content is verified end to end by the sha256 in the object's metadata,
+// which restore checks.
+func noPartChecksums(o *s3.Options) {
+	o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired
 }
 
 // verifyParts keeps only the journal's parts that the server still lists
