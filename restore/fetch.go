@@ -160,7 +160,10 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 	if err := unix.UtimesNanoAt(tmp, name, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return fmt.Errorf("set mtime of %q: %w", f.Path, err)
 	}
-	if r.o.Durability == FsyncEach {
+	// Large files are flushed on their own even under SyncFS: their writeback
+	// is already under way (see downloadRanges), and syncfs would also wait
+	// for every other writer's dirty data on the filesystem.
+	if r.o.Durability == FsyncEach || f.Size >= r.o.RangeThreshold {
 		if err := file.Sync(); err != nil {
 			return fmt.Errorf("fsync %q: %w", f.Path, err)
 		}
@@ -172,6 +175,9 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 	if err := t.place(tmp, name, f.Path); err != nil {
 		unix.Unlinkat(tmp, name, 0)
 		return err
+	}
+	if f.Size < r.o.RangeThreshold {
+		r.prog.smallFetched.Add(1)
 	}
 	r.prog.files.Add(1)
 	return nil

@@ -545,7 +545,10 @@ func checkSpace(root int, need int64) error {
 }
 
 func (r *Restorer) makeDurable(t *tree, tmp int) error {
-	if r.o.Durability == FsyncEach {
+	// Without small files every fetched file was fsynced already: only the
+	// directories that received renames are left, which is cheaper than a
+	// syncfs of a filesystem other writers share.
+	if r.o.Durability == FsyncEach || r.prog.smallFetched.Load() == 0 {
 		for _, fd := range t.openedDirs() {
 			if err := unix.Fsync(fd); err != nil {
 				return fmt.Errorf("fsync directory: %w", err)
@@ -613,6 +616,7 @@ func rate(bytes int64, d time.Duration) string {
 // progress counts work for the periodic log line.
 type progress struct {
 	files, bytes           atomic.Int64
+	smallFetched           atomic.Int64
 	totalFiles, totalBytes int64
 }
 
