@@ -47,7 +47,8 @@ if [ ! -x "$RIG/root/usr/bin/containerd" ] || [ ! -x "$RIG/root/usr/sbin/runc" ]
   echo "phase build: containerd + runc + CNI unpacked in $(since "$t")s"
 fi
 mkdir -p "$RIG/cni/bin" "$RIG/cni/net.d"
-cp "$RIG/root/usr/lib/cni/host-local" "$RIG/cni/bin/host-local"
+# containerd always sets up "lo" with the loopback plugin; host-local hands out pod IPs
+for p in host-local loopback; do cp "$RIG/root/usr/lib/cni/$p" "$RIG/cni/bin/$p"; done
 subst "$SRC/cni/veth-self" >"$RIG/cni/bin/veth-self"; chmod 755 "$RIG/cni/bin/veth-self"
 subst "$SRC/cni/net.d/10-podnet.conflist" >"$RIG/cni/net.d/10-podnet.conflist"
 
