@@ -68,6 +68,8 @@ apiserver_ready || { echo "kube-apiserver not ready after 120s" >&2; exit 1; }
 echo "phase up: kube-apiserver ready after $(since "$t")s"
 
 t=$(now)
+# A Node left from the last run still reads Ready until its status goes stale: let the kubelet register anew.
+kubectl_ delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null
 setsid unshare --mount --propagation private "$SRC/node/node-ns.sh" >"$LOG/node-ns.log" 2>&1 </dev/null &
 echo $! >"$RUN/node-ns.pid"
 setsid "$K8S_BIN/kube-controller-manager" --kubeconfig="$RIG/controller-manager.kubeconfig" \
