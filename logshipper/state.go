@@ -88,8 +88,9 @@ type state struct {
 const checkpointName = "checkpoint.json"
 
 // Batches wait in memory up to inMemoryBytes (enough to keep the sender busy
-// while the reader runs ahead); beyond it they are spooled, and all but the
-// next inMemoryBatches are read back from the spool when their turn comes.
+// while the reader runs ahead); beyond it (only while the receiver fails) they
+// are spooled, and all but the next inMemoryBatches are read back from the
+// spool when their turn comes.
 const (
 	inMemoryBytes   = 8 << 20
 	inMemoryBatches = 4
@@ -232,10 +233,11 @@ func (st *state) seq() uint64 {
 // and then during the wait (the reader keeps discovering files so a rotation
 // during backpressure does not lose one).
 //
-// While the sender keeps up, batches stay in memory only: after a crash they
-// are read again from the log files, from the checkpoint. Once more than
-// inMemoryBatches wait, every waiting batch is written to the spool, oldest
-// first, so the spool always holds a contiguous run of batches from the oldest
+// While the receiver accepts batches, they stay in memory only (up to
+// inMemoryBytes, then the reader waits: the log files are the buffer) and after
+// a crash are read again from the checkpoint. While it fails, more than
+// inMemoryBytes may wait: then every waiting batch is written to the spool,
+// oldest first, so the spool always holds a contiguous run of batches from the oldest
 // unacked one on: resume positions stay exact, and the lines survive their
 // files being rotated away. Spool files are written without fsync: they
 // survive a crash of the process; the state dir is an emptyDir, which does not
