@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,6 +24,9 @@ func TestCleanRunExactlyOnce(t *testing.T) {
 	b := newWriter(t, filepath.Join(dir, "b.log"), "b", 20)
 	a.write(3000) // before start: read from the beginning
 	p := startShipper(t, append(baseEnv(t, r, dir), "LOGSHIP_BATCH_RECORDS=500", "FLUENT_TAG=app.upload")...)
+	if resp, err := http.Get("http://" + p.http + "/healthz"); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("/healthz: %v %v", resp, err)
+	}
 	a.write(2000)
 	b.write(2500)
 	c := newWriter(t, filepath.Join(dir, "c.log"), "c", 0) // created while running: found by fsnotify

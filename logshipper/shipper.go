@@ -117,6 +117,10 @@ func (s *Shipper) Run(ctx context.Context) error {
 		return err
 	}
 	t.ready = func() { s.health.SetReady(nil) }
+	t.beat = s.health.Beat
+	// The read loop beats at least every poll (250 ms), also while backpressure
+	// holds it; a minute without one is a hung read, which a restart resolves.
+	s.health.SetLiveness(time.Minute)
 
 	// work ends only when the shutdown deadline passes; ctx ending starts the drain.
 	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))

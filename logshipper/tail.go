@@ -71,6 +71,7 @@ type tailer struct {
 	rescan  chan struct{}
 	scanned bool
 	ready   func()
+	beat    func() // liveness: the loop is not stuck (e.g. in a hung read)
 
 	ctx        context.Context // ends only when the shutdown deadline passes
 	batchStart time.Time
@@ -91,7 +92,7 @@ func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, st
 	t := &tailer{cfg: cfg, log: log, m: m, ev: ev, st: st, enc: enc, resume: resume,
 		files: map[fileID]*tailFile{}, watcher: w, watched: map[string]bool{},
 		wake: make(chan struct{}, 1), rescan: make(chan struct{}, 1),
-		positions: map[fileID]position{}, readBuf: make([]byte, readChunk)}
+		positions: map[fileID]position{}, readBuf: make([]byte, readChunk), beat: func() {}}
 	go t.watch()
 	return t, nil
 }
@@ -140,6 +141,7 @@ func (t *tailer) run(ctx context.Context, stop <-chan struct{}) error {
 			return t.drain()
 		default:
 		}
+		t.beat()
 		t.now = time.Now()
 		select {
 		case <-t.rescan:
@@ -635,6 +637,7 @@ func (t *tailer) seal() error {
 					t.log.Info("buffer full: reading paused until the receiver catches up", "max_bytes", t.cfg.BufferMaxBytes)
 				}
 				paused = true
+				t.beat() // waiting for the receiver is not being stuck
 				// Every commit wakes this wait: rescan at the usual pace only.
 				if now := time.Now(); now.Sub(t.lastScan) >= rescanEvery {
 					t.now = now
