@@ -118,7 +118,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 	}
 	t.ready = func() { s.health.SetReady(nil) }
 	t.beat = s.health.Beat
-	// The read loop beats at least every poll (250 ms), also while backpressure
+	// The read loop beats at least every second, also while backpressure
 	// holds it; a minute without one is a hung read, which a restart resolves.
 	s.health.SetLiveness(time.Minute)
 
