@@ -24,19 +24,9 @@ func TestJobCompletes(t *testing.T) {
 	n := newNS(t, "e2e-job")
 	start := time.Now()
 	rendered := n.renderOverlay("deployment", map[string]string{"S3_ENDPOINT": s.Endpoint, "FLUENT_ADDR": recv.Addr}, keys, "")
-	js, err := kubectl(n.ctx, rendered, "create", "--dry-run=client", "-o", "json", "-f", "-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var list struct {
-		Items []map[string]any `json:"items"`
-	}
-	if err := json.Unmarshal([]byte(js), &list); err != nil || len(list.Items) == 0 {
-		t.Fatalf("rendered overlay as a list: %v\n%s", err, js)
-	}
 	var tmpl map[string]any
 	var keep []any
-	for _, it := range list.Items {
+	for _, it := range n.objects(rendered) {
 		switch it["kind"] {
 		case "Deployment":
 			tmpl = it["spec"].(map[string]any)["template"].(map[string]any)

@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
@@ -28,18 +27,8 @@ func TestDeploymentSecondWriterRefused(t *testing.T) {
 	n.waitPodReady(first, 3*time.Minute)
 	phase(t, "lease: first writer Ready", start)
 
-	js, err := kubectl(n.ctx, rendered, "create", "--dry-run=client", "-o", "json", "-f", "-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var list struct {
-		Items []map[string]any `json:"items"`
-	}
-	if err := json.Unmarshal([]byte(js), &list); err != nil {
-		t.Fatal(err)
-	}
 	var dep map[string]any
-	for _, it := range list.Items {
+	for _, it := range n.objects(rendered) {
 		if it["kind"] == "Deployment" {
 			dep = it
 		}
@@ -58,11 +47,20 @@ func TestDeploymentSecondWriterRefused(t *testing.T) {
 	}
 	second, _ := n.onePod("app.kubernetes.io/name=upload-app-b", "", 2*time.Minute)
 	start = time.Now()
-	var events string
-	n.waitFor(2*time.Minute, "a LeaseConflict Event on "+second, func() error {
+	var events, syncLog string
+	n.waitFor(2*time.Minute, "the second writer refused", func() error {
+		events, _ = n.k("get", "events", "--field-selector", "involvedObject.name="+second, "-o", "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message", "--no-headers")
+		syncLog, _ = n.k("logs", second, "-c", "syncer")
+		if !strings.Contains(events, "LeaseConflict") && !strings.Contains(syncLog, "LeaseConflict") {
+			return fmt.Errorf("no LeaseConflict yet; events of %s:\n%s", second, events)
+		}
+		return nil
+	})
+	// The refusal must reach the user where they look: an Event on the refused Pod.
+	n.waitFor(30*time.Second, "a LeaseConflict Event on "+second, func() error {
 		events, _ = n.k("get", "events", "--field-selector", "involvedObject.name="+second, "-o", "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message", "--no-headers")
 		if !strings.Contains(events, "LeaseConflict") {
-			return fmt.Errorf("events of %s:\n%s", second, events)
+			return fmt.Errorf("the syncer refused the prefix (its log: %q) but posted no Event on its Pod; events:\n%s", lastLine(syncLog, "LeaseConflict"), events)
 		}
 		return nil
 	})
@@ -75,4 +73,14 @@ func TestDeploymentSecondWriterRefused(t *testing.T) {
 	if r := n.jsonpath("pod/"+first, `{.status.conditions[?(@.type=="Ready")].status}`); r != "True" {
 		t.Errorf("the first writer is no longer Ready")
 	}
+}
+
+func lastLine(log, substr string) string {
+	var last string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, substr) {
+			last = l
+		}
+	}
+	return last
 }

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -84,6 +85,31 @@ func s3Peer(t *testing.T) (*peers.S3Server, map[string]string) {
 		t.Fatal(err)
 	}
 	return s, map[string]string{"AWS_ACCESS_KEY_ID": peers.AccessKey, "AWS_SECRET_ACCESS_KEY": peers.SecretKey}
+}
+
+// objects turns rendered YAML into objects (kubectl prints one JSON document per object).
+func (n *ns) objects(rendered string) []map[string]any {
+	n.t.Helper()
+	js, err := kubectl(n.ctx, rendered, "create", "--dry-run=client", "-o", "json", "-f", "-")
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	var out []map[string]any
+	dec := json.NewDecoder(strings.NewReader(js))
+	for dec.More() {
+		var o map[string]any
+		if err := dec.Decode(&o); err != nil {
+			n.t.Fatalf("rendered objects: %v", err)
+		}
+		if items, ok := o["items"].([]any); ok && o["kind"] == "List" {
+			for _, it := range items {
+				out = append(out, it.(map[string]any))
+			}
+			continue
+		}
+		out = append(out, o)
+	}
+	return out
 }
 
 // needAgents fails (never skips) a scenario when run.sh could not build the agents' images.
