@@ -81,7 +81,9 @@ func TestAgentBinaries(t *testing.T) {
 			}
 			var helpVars []string
 			for _, m := range helpVar.FindAllStringSubmatch(out, -1) {
-				helpVars = append(helpVars, m[1])
+				if m[1] != "VARIABLE" { // the table's header
+					helpVars = append(helpVars, m[1])
+				}
 			}
 			for _, shared := range []string{"LOG_LEVEL", "LOG_FORMAT", "POD_NAME", "POD_NAMESPACE"} {
 				if !slices.Contains(helpVars, shared) {

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
@@ -157,7 +158,11 @@ func (p *Process) Tail() string {
 	return string(b)
 }
 
-// WaitFor polls cond until it returns nil or the deadline passes.
+// errPermanent marks a condition error that waiting will not fix.
+var errPermanent = errors.New("permanent")
+
+// WaitFor polls cond until it returns nil or the deadline passes (or cond
+// returns an error wrapping errPermanent).
 func WaitFor(ctx context.Context, timeout time.Duration, cond func() error) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -165,8 +170,8 @@ func WaitFor(ctx context.Context, timeout time.Duration, cond func() error) erro
 	defer tick.Stop()
 	for {
 		err := cond()
-		if err == nil {
-			return nil
+		if err == nil || errors.Is(err, errPermanent) {
+			return err
 		}
 		select {
 		case <-ctx.Done():
@@ -253,7 +258,17 @@ func startS3(t testing.TB, kind string, certs *CertFiles) *S3Server {
 		t.Fatalf("%v\n--- %s log ---\n%s", err, kind, s.Tail())
 	}
 	t.Cleanup(s.Stop)
-	if _, err := s.Client().CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(Bucket)}); err != nil {
+	// MinIO answers its health check before it has finished initialising and
+	// refuses requests with 503 XMinioServerNotInitialized for a moment.
+	err := WaitFor(context.Background(), 30*time.Second, func() error {
+		_, err := s.Client().CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(Bucket)})
+		var re *awshttp.ResponseError
+		if err != nil && !(errors.As(err, &re) && re.HTTPStatusCode() == http.StatusServiceUnavailable) {
+			return fmt.Errorf("%w: %v", errPermanent, err)
+		}
+		return err
+	})
+	if err != nil {
 		t.Fatalf("create bucket on %s: %v", kind, err)
 	}
 	return s
