@@ -41,7 +41,8 @@ if [ ! -x "$RIG/root/usr/bin/containerd" ] || [ ! -x "$RIG/root/usr/sbin/runc" ]
   t=$(now)
   mkdir -p "$RIG/debs" && rm -rf "$RIG/root"
   for d in $DEBS; do
-    ls "$RIG/debs/${d%%=*}_"*.deb >/dev/null 2>&1 || (cd "$RIG/debs" && apt-get download "$d")
+    # a fresh machine may have no package lists yet
+    ls "$RIG/debs/${d%%=*}_"*.deb >/dev/null 2>&1 || (cd "$RIG/debs" && { apt-get download "$d" || { apt-get update -qq && apt-get download "$d"; }; })
   done
   for f in "$RIG"/debs/*.deb; do dpkg -x "$f" "$RIG/root"; done
   echo "phase build: containerd + runc + CNI unpacked in $(since "$t")s"

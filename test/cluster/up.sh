@@ -9,6 +9,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || { echo "up.sh needs root (mount namespace, cgroups, containerd); use KUBECONFIG instead" >&2; exit 1; }
 [ "$(uname -s)" = Linux ] || { echo "up.sh runs on Linux only; use KUBECONFIG instead" >&2; exit 1; }
+for c in curl openssl jq bc ip nsenter unshare setsid; do
+  command -v "$c" >/dev/null || { echo "up.sh needs $c (Debian: curl openssl jq bc iproute2 util-linux)" >&2; exit 1; }
+done
 for b in etcd kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler; do
   [ -x "$K8S_BIN/$b" ] || { echo "missing $K8S_BIN/$b: run test/cluster/build.sh" >&2; exit 1; }
 done
