@@ -9,8 +9,9 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"time"
 
-	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/restore"
@@ -34,11 +35,17 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		Summary: "Init container: restores a snapshot (latest, by id or point in time) from the store onto RESTORE_DIR, " +
 			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256).",
 		Run: func(ctx context.Context, cfg *restore.Config, log *slog.Logger) error {
+			ev, err := kube.New(ctx, &cfg.Base, log, kube.Options{Component: "restore"})
+			if err != nil {
+				return err
+			}
+			// Restored / RestoreFailed must reach the API before this init container exits.
+			defer ev.CloseWithin(5 * time.Second)
 			st, err := store.Open(ctx, &cfg.Store, log)
 			if err != nil {
 				return err
 			}
-			_, err = restore.New(cfg, st, restore.Options{Log: log, Events: events.Log{L: log}}).Run(ctx)
+			_, err = restore.New(cfg, st, restore.Options{Log: log, Events: ev}).Run(ctx)
 			return err
 		},
 	}.Main(&restore.Config{}, args, environ, stdout, stderr)

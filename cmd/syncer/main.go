@@ -6,8 +6,9 @@ import (
 	"context"
 	"log/slog"
 	"os"
+	"time"
 
-	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/syncer"
 )
@@ -17,7 +18,12 @@ func main() {
 		Name:    "syncer",
 		Summary: "Watches SYNC_DIR and pushes every finished file to S3, with snapshots restore can use; drains on SIGTERM.",
 		Run: func(ctx context.Context, cfg *syncer.Config, log *slog.Logger) error {
-			s, err := syncer.New(ctx, cfg, syncer.Options{Log: log, Recorder: events.Log{L: log}})
+			ev, err := kube.New(ctx, &cfg.Base, log, kube.Options{Component: "syncer"})
+			if err != nil {
+				return err
+			}
+			defer ev.CloseWithin(5 * time.Second)
+			s, err := syncer.New(ctx, cfg, syncer.Options{Log: log, Recorder: ev})
 			if err != nil {
 				return err
 			}
