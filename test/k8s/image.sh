@@ -15,6 +15,7 @@ VERSION=${VERSION:-$(git describe --tags --always --dirty 2>/dev/null || echo de
 TARGETS=${TARGETS:-restore syncer logshipper agents}
 W=$ROOT/.cache/k8s/buildah
 mkdir -p "$W/root" "$W/run" "$W/out"
+rm -f "$W/out/sizes.txt.new"
 
 if ! command -v buildah >/dev/null || [ ! -x /bin/busybox ]; then
   echo "installing buildah and busybox-static (Debian)"
