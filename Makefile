@@ -41,10 +41,11 @@ lint:
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-sizes: build ## stripped size of each binary
+sizes: build ## stripped size of each binary, what agents/kube costs, image sizes (after make image)
 	@for a in $(AGENTS); do \
 		stat -c %s bin/$$a | awk -v a=$$a '{ printf "%-12s %6.2f MiB  (%d bytes)\n", a, $$1/1048576, $$1 }'; \
 	done
+	test/k8s/sizes.sh
 
 bench: peers-all build ## benchmarks against rclone, the raw SDK, fluent-logger-golang (minutes)
 	$(GO) test -count=1 -tags bench -run '^TestBench' -v -timeout 90m ./bench/...

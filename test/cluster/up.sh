@@ -9,9 +9,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || { echo "up.sh needs root (mount namespace, cgroups, containerd); use KUBECONFIG instead" >&2; exit 1; }
 [ "$(uname -s)" = Linux ] || { echo "up.sh runs on Linux only; use KUBECONFIG instead" >&2; exit 1; }
-for c in curl openssl jq bc ip nsenter unshare setsid; do
-  command -v "$c" >/dev/null || { echo "up.sh needs $c (Debian: curl openssl jq bc iproute2 util-linux)" >&2; exit 1; }
-done
+. "$ROOT/test/host-deps.sh"
+host_deps curl:curl openssl:openssl jq:jq bc:bc ip:iproute2 nsenter:util-linux unshare:util-linux setsid:util-linux
 for b in etcd kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler; do
   [ -x "$K8S_BIN/$b" ] || { echo "missing $K8S_BIN/$b: run test/cluster/build.sh" >&2; exit 1; }
 done

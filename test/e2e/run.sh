@@ -11,7 +11,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/test/cluster/lib.sh"
+. "$ROOT/test/host-deps.sh"
 cd "$ROOT"
+host_deps bc:bc
 T0=$(now)
 phase() { echo "=== phase $1: $(since "$2")s"; }
 

@@ -12,6 +12,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
+. "$ROOT/test/host-deps.sh"
+host_deps openssl:openssl bc:bc curl:curl python3:python3
 "$ROOT/test/k8s/build.sh"
 BIN=$ROOT/.cache/k8s/bin
 mkdir -p "$ROOT/.cache/k8s/tmp"
