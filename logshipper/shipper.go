@@ -21,7 +21,7 @@ import (
 var retryPolicy = backoff.Policy{Initial: 200 * time.Millisecond, Max: 10 * time.Second}
 
 type metrics struct {
-	records, bytes *prometheus.CounterVec // stage = read|sent|acked|dropped
+	records, bytes *prometheus.CounterVec // stage = read|sent|acked (+ dropped for bytes)
 	batches        *prometheus.CounterVec // result = acked|failed
 	ackLatency     prometheus.Histogram
 	buffer, files  prometheus.Gauge
@@ -32,7 +32,7 @@ type metrics struct {
 
 func newMetrics(h *health.Server) *metrics {
 	m := &metrics{
-		records:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("records_total"), Help: "Log records by stage: read from files, sent, acked by the receiver, dropped."}, []string{"stage"}),
+		records:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("records_total"), Help: "Log records by stage: read from files, sent, acked by the receiver. Lost data is counted in bytes_total{stage=\"dropped\"}: a truncation that outruns the reader loses bytes whose line count is unknown."}, []string{"stage"}),
 		bytes:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("bytes_total"), Help: "Bytes of log lines by stage (read, acked, dropped) and of frames sent."}, []string{"stage"}),
 		batches:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("batches_total"), Help: "Batch delivery attempts by result."}, []string{"result"}),
 		ackLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: h.Name("ack_latency_seconds"), Help: "Time from writing a batch to its ack.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
@@ -40,10 +40,11 @@ func newMetrics(h *health.Server) *metrics {
 		files:      prometheus.NewGauge(prometheus.GaugeOpts{Name: h.Name("files_watched"), Help: "Log files open for reading."}),
 		rotations:  prometheus.NewCounter(prometheus.CounterOpts{Name: h.Name("rotations_total"), Help: "Rotations seen (rename, delete or copytruncate)."}),
 	}
-	for _, s := range []string{"read", "sent", "acked", "dropped"} {
+	for _, s := range []string{"read", "sent", "acked"} {
 		m.records.WithLabelValues(s)
 		m.bytes.WithLabelValues(s)
 	}
+	m.bytes.WithLabelValues("dropped")
 	for _, r := range []string{"acked", "failed"} {
 		m.batches.WithLabelValues(r)
 	}

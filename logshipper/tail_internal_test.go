@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"io"
 	"log/slog"
 	"os"
@@ -166,11 +167,15 @@ func TestTruncationLossIsReported(t *testing.T) {
 	tf := tl.files[statID(mustStat(t, path))]
 	fi := mustStat(t, path)
 	tf.size = fi.Size() // seen but not read yet
+	unread := tf.size - tf.off
 	os.Truncate(path, 0)
 	appendLines(t, path, 100, 101)
 	readAll(t, tl)
 	if len(rec.got) != 1 || rec.got[0].reason != "LogsDropped" || rec.got[0].typ != "Warning" {
 		t.Fatalf("events %+v, want one LogsDropped warning", rec.got)
+	}
+	if got := testutil.ToFloat64(tl.m.bytes.WithLabelValues("dropped")); got != float64(unread) || unread <= 0 {
+		t.Fatalf("bytes_total{stage=dropped} = %v, want the %d unread bytes", got, unread)
 	}
 	got := logsOf(t, enc)
 	if len(got) != 11 || got[10] != "line 00100 of the application log" {
