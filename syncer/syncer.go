@@ -894,7 +894,9 @@ func (s *Syncer) backlog(ctx context.Context, now time.Time, last int) int {
 	s.m.queue.Set(float64(len(s.pending)))
 	s.m.queueBytes.Set(float64(bytes))
 	s.m.oldest.Set(age.Seconds())
-	if n := len(s.pending); n > last && age > max(10*time.Second, 3*s.cfg.Settle) {
+	// Five seconds is five times the visibility the syncer aims at with the
+	// default settle: a backlog that old means uploads are not keeping up.
+	if n := len(s.pending); n > last && age > max(5*time.Second, 3*s.cfg.Settle) {
 		msg := fmt.Sprintf("upload backlog growing: %d file(s), %d bytes, oldest pending for %s", n, bytes, age.Round(time.Second))
 		s.log.Warn(msg)
 		s.rec.Event(ctx, events.Warning, "BacklogGrowing", msg)

@@ -646,6 +646,9 @@ during:
 	if gaugeValue(r.s.health, "podkeeper_syncer_upload_retries_total") == 0 || !r.rec.has("UploadsFailing") {
 		t.Error("no retries counted or no UploadsFailing event: the outage did not hit an upload")
 	}
+	if !r.rec.has("BacklogGrowing") {
+		t.Error("no BacklogGrowing event although files waited through a 10 s outage")
+	}
 }
 
 // A file S3 refuses for good (403) is logged, counted and retried slowly
