@@ -328,7 +328,10 @@ func (s *Syncer) loadBaseline(ctx context.Context) error {
 
 // abortStale aborts multipart uploads under data/ that no journal of ours
 // will resume (an earlier writer's leftovers, or a journal lost with the
-// emptyDir), and drops journals whose file is gone.
+// emptyDir), and the uploads of journals whose file is gone. On MinIO, whose
+// listing of multipart uploads needs an exact key, leftovers without a journal
+// stay until the bucket's lifecycle rule (AbortIncompleteMultipartUpload)
+// removes them.
 func (s *Syncer) abortStale(ctx context.Context) error {
 	keep := map[string]bool{}
 	entries, _ := os.ReadDir(s.journal)
@@ -345,6 +348,12 @@ func (s *Syncer) abortStale(ctx context.Context) error {
 		}
 		rel := strings.TrimPrefix(j.Key, snapshot.DataDir)
 		if _, err := os.Lstat(s.abs(rel)); err != nil {
+			// Abort by the journal's own id: listing cannot be relied on to
+			// find it (MinIO lists multipart uploads only by exact key).
+			s.log.Info("aborting multipart upload of a file that is gone", "key", j.Key)
+			if err := s.s3.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
+				return err
+			}
 			os.Remove(p)
 			continue
 		}

@@ -40,6 +40,7 @@ func TestSyncer(t *testing.T) {
 					"watch":                 testWatch,
 					"rename-skips-settle":   testRenameSkipsSettle,
 					"multipart-resume":      testMultipartResume,
+					"multipart-abandoned":   testMultipartAbandoned,
 					"restart-after-restore": testRestartAfterRestore,
 					"overflow-rescan":       testOverflowRescan,
 					"lease":                 testLease,
@@ -216,6 +217,76 @@ func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 
 // A ≥200 MiB file goes multipart; the syncer is SIGKILLed with 4 parts on
 // the server, and the next process uploads only the missing parts.
+// A multipart upload interrupted by SIGKILL whose file is deleted before the
+// restart is aborted by its journal's upload id: nothing is left to bill, on
+// MinIO too, where listing uploads by prefix finds nothing.
+func testMultipartAbandoned(t *testing.T, srv *peers.S3Server) {
+	dir := t.TempDir()
+	const prefix = "multipart-abandoned"
+	const size = 6 * store.DefaultPartSize
+	big := filepath.Join(dir, "gone.bin")
+	if err := os.WriteFile(big, randBytes(7, size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
+		return err == nil && n > 2
+	})
+	env := append(srv.AgentEnv(prefix), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0",
+		"POD_NAME=mpa", "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=0")
+	p1 := startBin(t, env)
+	jdir := filepath.Join(dir, ".podkeeper", "multipart")
+	err := peers.WaitFor(context.Background(), 90*time.Second, func() error {
+		js, _ := filepath.Glob(filepath.Join(jdir, "*.json"))
+		if len(js) != 1 {
+			return fmt.Errorf("%d journals", len(js))
+		}
+		j, err := store.LoadJournal(js[0])
+		if err != nil {
+			return err
+		}
+		if j.PartCount() != 2 {
+			return fmt.Errorf("journal has %d parts", j.PartCount())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p1.output())
+	}
+	if err := p1.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	p1.wait(t, 10*time.Second)
+	key := aws.String(prefix + "/data/gone.bin")
+	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: key})
+	if err != nil || len(ups.Uploads) != 1 {
+		t.Fatalf("after SIGKILL: %v uploads in progress (%v), want 1", len(ups.Uploads), err)
+	}
+	if err := os.Remove(big); err != nil {
+		t.Fatal(err)
+	}
+	proxy.FailWith(0, nil)
+	p2 := startBin(t, env)
+	p2.waitLog(t, "aborting multipart upload of a file that is gone", 30*time.Second)
+	err = peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: key})
+		if err != nil {
+			return err
+		}
+		if len(ups.Uploads) != 0 {
+			return fmt.Errorf("%d uploads still in progress", len(ups.Uploads))
+		}
+		if js, _ := filepath.Glob(filepath.Join(jdir, "*.json")); len(js) != 0 {
+			return fmt.Errorf("%d journals left", len(js))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p2.output())
+	}
+}
+
 func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	const prefix = "multipart"
