@@ -50,7 +50,7 @@ sizes: build ## stripped size of each binary, what agents/kube costs, image size
 bench: peers-all build ## benchmarks against rclone, the raw SDK, fluent-logger-golang (minutes)
 	$(GO) test -count=1 -tags bench -run '^TestBench' -v -timeout 90m ./bench/...
 
-demo: build ## syncer -> wipe -> restore round trip on a file:// store (no server needed)
+demo: build ## syncer + logshipper (stdout) -> wipe -> restore round trip on a file:// store (no server needed)
 	test/demo.sh
 
 image: ## build Dockerfile.agents with buildah (all targets), see test/k8s/

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # make demo: the podkeeper round trip on a file:// store in a temp dir, no
 # server needed. The syncer watches a directory and uploads what the "app"
-# writes; SIGTERM makes it drain and write a final snapshot; the directory is
-# wiped (the Pod is gone); restore brings it back; the tree must be
-# byte-identical, with the same modes and nanosecond mtimes.
+# writes, the logshipper ships its log lines to stdout (LOGSHIP_OUTPUT=stdout,
+# the embedded log sink); SIGTERM makes both drain and the syncer write a final
+# snapshot; the directory is wiped (the Pod is gone); restore brings it back;
+# the tree must be byte-identical, with the same modes and nanosecond mtimes.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 syncer=$root/bin/syncer
 restore=$root/bin/restore
-for b in "$syncer" "$restore"; do
+logshipper=$root/bin/logshipper
+for b in "$syncer" "$restore" "$logshipper"; do
 	[[ -x $b ]] || { echo "demo: $b is missing; run 'make build' (make demo does it)" >&2; exit 1; }
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/podkeeper-demo.XXXXXX")
 syncer_pid=
+shipper_pid=
 cleanup() {
 	[[ -n $syncer_pid ]] && kill -KILL "$syncer_pid" 2>/dev/null || true
+	[[ -n $shipper_pid ]] && kill -KILL "$shipper_pid" 2>/dev/null || true
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -24,7 +28,7 @@ trap cleanup EXIT
 dir=$work/uploads
 store=$work/store
 mkdir -p "$dir" "$store"
-export STORE_URL=file://$store LOG_FORMAT=text
+export STORE_URL=file://$store LOG_FORMAT=text POD_NAME=demo-0 POD_NAMESPACE=demo
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # Describes a tree: sha256, mode and mtime (ns) of every file, state dir aside.
@@ -38,6 +42,11 @@ step "1. start the syncer on $dir (store $STORE_URL)"
 SYNC_DIR=$dir SYNC_HTTP_ADDR=off SYNC_SETTLE=300ms SYNC_SNAPSHOT_INTERVAL=0 "$syncer" >"$work/syncer.log" 2>&1 &
 syncer_pid=$!
 echo "syncer pid $syncer_pid"
+mkdir -p "$work/logs"
+LOGSHIP_PATHS="$work/logs/*.log" LOGSHIP_OUTPUT=stdout LOGSHIP_STATE_DIR=$work/logship-state LOGSHIP_HTTP_ADDR=off \
+	"$logshipper" >"$work/records.jsonl" 2>"$work/logshipper.log" &
+shipper_pid=$!
+echo "logshipper pid $shipper_pid (records to stdout)"
 
 step "2. the app writes files: nested directories and a larger file"
 mkdir -p "$dir/invoices/2026/03" "$dir/avatars" "$dir/videos"
@@ -48,6 +57,9 @@ chmod 600 "$dir/avatars/user-42.png"
 head -c $((24 << 20)) /dev/urandom >"$dir/videos/intro.mp4"
 : >"$dir/empty.flag"
 find "$dir" -type f -printf '  %P (%s bytes)\n' | LC_ALL=C sort
+for f in hello.txt invoices/2026/03/inv-1.txt invoices/2026/03/inv-2.txt invoices/2026/03/inv-3.txt avatars/user-42.png videos/intro.mp4; do
+	printf '{"level":"info","msg":"stored upload","path":"%s"}\n' "$f" >>"$work/logs/app.log"
+done
 
 step "3. wait until the syncer has uploaded every file"
 deadline=$((SECONDS + 60))
@@ -78,6 +90,18 @@ echo "syncer exited with code $code"
 [[ $code -eq 0 ]] || { cat "$work/syncer.log" >&2; exit 1; }
 "$restore" list 2>/dev/null
 
+step "4b. SIGTERM the logshipper: it reads every file to its end and delivers before exiting"
+kill -TERM "$shipper_pid"
+code=0
+wait "$shipper_pid" || code=$?
+shipper_pid=
+echo "logshipper exited with code $code"
+[[ $code -eq 0 ]] || { cat "$work/logshipper.log" >&2; exit 1; }
+sed 's/^/  /' "$work/records.jsonl"
+n=$(grep -c '"stored upload' "$work/records.jsonl" || true)
+[[ $n -eq 6 ]] || { echo "demo: $n of 6 log lines shipped" >&2; cat "$work/logshipper.log" >&2; exit 1; }
+echo "6 of 6 log lines shipped, each with file, pod and namespace"
+
 step "5. the Pod is gone and so is its emptyDir: rm -rf $dir"
 rm -rf "$dir"
 
@@ -103,4 +127,4 @@ grep -q 'fetched_files=0' "$work/restore2.log" || { echo "demo: the rerun fetche
 step "9. restore verify --deep: every object of the snapshot downloaded and hashed"
 "$restore" verify --deep 2>/dev/null
 
-printf '\n\033[1mdemo OK\033[0m: syncer -> SIGTERM -> wipe -> restore gave back the same tree.\n'
+printf '\n\033[1mdemo OK\033[0m: syncer + logshipper -> SIGTERM -> wipe -> restore gave back the same tree.\n'
