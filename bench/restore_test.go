@@ -68,7 +68,7 @@ func (r *restoreRow) median() restoreSample {
 }
 
 func TestBenchRestore(t *testing.T) {
-	srv := peers.StartS3(t, "versitygw")
+	srv := peers.StartS3(t, benchS3())
 	bin := restoreBuild(t)
 	c := srv.Client()
 

@@ -54,7 +54,7 @@ func syncerMedian(d []time.Duration) time.Duration {
 }
 
 func TestBenchSyncer(t *testing.T) {
-	srv := peers.StartS3(t, "versitygw")
+	srv := peers.StartS3(t, benchS3())
 	bin := syncerBuild(t)
 	fi, err := os.Stat(bin)
 	if err != nil {

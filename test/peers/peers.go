@@ -224,7 +224,10 @@ func startS3(t testing.TB, kind string, certs *CertFiles) *S3Server {
 	s.Process = &Process{Name: kind, Dir: dir, Log: filepath.Join(dir, kind+".log"), t: t}
 	switch kind {
 	case "versitygw":
-		s.Args = []string{bin, "--port", addr, "--access", AccessKey, "--secret", SecretKey, "--quiet"}
+		// --keep-alive: without it versitygw closes the connection after every
+		// response, so every request of every client pays a TCP connect and the
+		// server's request path, not the client, sets every small-object number.
+		s.Args = []string{bin, "--port", addr, "--access", AccessKey, "--secret", SecretKey, "--quiet", "--keep-alive"}
 		if certs != nil {
 			s.Args = append(s.Args, "--cert", certs.Cert, "--key", certs.Key)
 		}
