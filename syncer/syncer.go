@@ -1,6 +1,7 @@
 package syncer
 
 import (
+	"container/heap"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -72,6 +73,7 @@ type Syncer struct {
 	eventGate sync.RWMutex
 
 	pending map[string]*pend
+	dues    dueHeap                  // pending files by due time (entries may be stale)
 	files   map[string]snapshot.File // uploaded and present: what a snapshot lists
 	ready   []string                 // due and checked, waiting for a free worker
 	skipped map[string]fileStat      // too large; not warned about again while unchanged
@@ -117,6 +119,47 @@ type pend struct {
 	failures  int
 	immediate bool // appeared by rename: no settle period
 	removed   bool // deleted while its upload was in flight
+	// heapAt is the time of p's entry in Syncer.dues (zero: none). One entry
+	// at or before due is enough: when it comes up early, it is pushed again.
+	heapAt time.Time
+}
+
+// dueItem is an entry of Syncer.dues. Entries are never removed in place: one
+// whose pend is gone or was scheduled anew is dropped when it comes up.
+type dueItem struct {
+	at  time.Time
+	rel string
+	p   *pend
+}
+
+// dueHeap orders pending files by due time, so that the loop's work per wake-up
+// follows the files that are due, not all that are pending (a backfill of
+// thousands of files made every upload result walk the whole set twice).
+type dueHeap []dueItem
+
+func (h dueHeap) Len() int           { return len(h) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
+func (h *dueHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return it
+}
+
+// schedule makes sure the loop looks at p by p.due.
+func (s *Syncer) schedule(rel string, p *pend) {
+	if p.inflight || p.queued || (!p.heapAt.IsZero() && !p.heapAt.After(p.due)) {
+		return
+	}
+	p.heapAt = p.due
+	heap.Push(&s.dues, dueItem{at: p.due, rel: rel, p: p})
+}
+
+// current reports whether it is the live entry of a pending file.
+func (s *Syncer) current(it dueItem) bool {
+	return s.pending[it.rel] == it.p && it.p.heapAt.Equal(it.at) && !it.p.heapAt.IsZero()
 }
 
 type job struct {
@@ -504,6 +547,7 @@ func (s *Syncer) touch(rel string, st fileStat, now time.Time, immediate bool) {
 	} else {
 		p.due = now.Add(s.cfg.Settle)
 	}
+	s.schedule(rel, p)
 }
 
 // finishedBefore reports whether the inode changed metadata (rename, link,
@@ -705,8 +749,9 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 			if err := s.rescan(time.Now(), false); err != nil {
 				s.log.Error("final rescan failed", "err", err)
 			}
-			for _, p := range s.pending {
+			for rel, p := range s.pending {
 				p.due = time.Now()
+				s.schedule(rel, p)
 			}
 		}
 		s.eventGate.RUnlock()
@@ -771,21 +816,29 @@ func (s *Syncer) nextDue() time.Time {
 	if len(s.ready) > 0 {
 		return time.Time{} // a worker's result wakes the loop
 	}
-	for _, p := range s.pending {
-		if p.inflight || p.queued {
-			continue
-		}
-		if next.IsZero() || p.due.Before(next) {
-			next = p.due
-		}
+	for len(s.dues) > 0 && !s.current(s.dues[0]) {
+		heap.Pop(&s.dues)
+	}
+	if len(s.dues) > 0 {
+		next = s.dues[0].at
 	}
 	return next
 }
 
 // dispatch checks due files and hands them to free workers.
 func (s *Syncer) dispatch(now time.Time) {
-	for rel, p := range s.pending {
-		if p.inflight || p.queued || p.due.After(now) {
+	for len(s.dues) > 0 && !s.dues[0].at.After(now) {
+		it := heap.Pop(&s.dues).(dueItem)
+		if !s.current(it) {
+			continue
+		}
+		rel, p := it.rel, it.p
+		p.heapAt = time.Time{}
+		if p.inflight || p.queued {
+			continue // its result schedules it again
+		}
+		if p.due.After(now) {
+			s.schedule(rel, p)
 			continue
 		}
 		fi, err := os.Lstat(s.abs(rel))
@@ -801,6 +854,7 @@ func (s *Syncer) dispatch(now time.Time) {
 			// Written without an event (mmap) or an event is still queued: not
 			// stable yet.
 			p.stat, p.due = st, now.Add(s.cfg.Settle)
+			s.schedule(rel, p)
 			continue
 		}
 		p.stat = st
@@ -843,6 +897,13 @@ func (s *Syncer) handleResult(r result, now time.Time) {
 	if p != nil {
 		p.inflight = false
 	}
+	// Whatever stays pending (a retry, a change during the upload) needs an
+	// entry in dues again: it had none while in flight.
+	defer func() {
+		if p := s.pending[r.rel]; p != nil {
+			s.schedule(r.rel, p)
+		}
+	}()
 	switch {
 	case r.gone || (p != nil && p.removed):
 		delete(s.pending, r.rel)
