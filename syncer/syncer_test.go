@@ -217,6 +217,44 @@ func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 
 // A ≥200 MiB file goes multipart; the syncer is SIGKILLed with 4 parts on
 // the server, and the next process uploads only the missing parts.
+// killMidMultipart starts the syncer binary on dir with S3 refusing every part
+// after okParts, waits until the journal records those parts and kills the
+// process with SIGKILL: a multipart upload is left half done.
+func killMidMultipart(t *testing.T, srv *peers.S3Server, prefix, dir, pod string, okParts int) (*peers.CountingProxy, []string, string) {
+	t.Helper()
+	proxy := peers.NewCountingProxy(t, srv.Endpoint)
+	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
+		return err == nil && n > okParts
+	})
+	env := append(srv.AgentEnv(prefix), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0",
+		"POD_NAME="+pod, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=0")
+	p := startBin(t, env)
+	jdir := filepath.Join(dir, ".podkeeper", "multipart")
+	err := peers.WaitFor(context.Background(), 90*time.Second, func() error {
+		js, _ := filepath.Glob(filepath.Join(jdir, "*.json"))
+		if len(js) != 1 {
+			return fmt.Errorf("%d journals", len(js))
+		}
+		j, err := store.LoadJournal(js[0])
+		if err != nil {
+			return err
+		}
+		if j.PartCount() != okParts {
+			return fmt.Errorf("journal has %d parts", j.PartCount())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p.output())
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(t, 10*time.Second)
+	return proxy, env, jdir
+}
+
 // A multipart upload interrupted by SIGKILL whose file is deleted before the
 // restart is aborted by its journal's upload id: nothing is left to bill, on
 // MinIO too, where listing uploads by prefix finds nothing.
@@ -228,36 +266,7 @@ func testMultipartAbandoned(t *testing.T, srv *peers.S3Server) {
 	if err := os.WriteFile(big, randBytes(7, size), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	proxy := peers.NewCountingProxy(t, srv.Endpoint)
-	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
-		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
-		return err == nil && n > 2
-	})
-	env := append(srv.AgentEnv(prefix), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0",
-		"POD_NAME=mpa", "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=0")
-	p1 := startBin(t, env)
-	jdir := filepath.Join(dir, ".podkeeper", "multipart")
-	err := peers.WaitFor(context.Background(), 90*time.Second, func() error {
-		js, _ := filepath.Glob(filepath.Join(jdir, "*.json"))
-		if len(js) != 1 {
-			return fmt.Errorf("%d journals", len(js))
-		}
-		j, err := store.LoadJournal(js[0])
-		if err != nil {
-			return err
-		}
-		if j.PartCount() != 2 {
-			return fmt.Errorf("journal has %d parts", j.PartCount())
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("%v\n%s", err, p1.output())
-	}
-	if err := p1.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	p1.wait(t, 10*time.Second)
+	proxy, env, jdir := killMidMultipart(t, srv, prefix, dir, "mpa", 2)
 	key := aws.String(prefix + "/data/gone.bin")
 	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: key})
 	if err != nil || len(ups.Uploads) != 1 {
@@ -313,36 +322,7 @@ func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	}
 	sum := hex.EncodeToString(h.Sum(nil))
 
-	proxy := peers.NewCountingProxy(t, srv.Endpoint)
-	proxy.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
-		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
-		return err == nil && n > 4
-	})
-	env := append(srv.AgentEnv(prefix), "S3_ENDPOINT="+proxy.URL, "SYNC_DIR="+dir, "SYNC_HTTP_ADDR=127.0.0.1:0",
-		"POD_NAME=mp", "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=0")
-	p1 := startBin(t, env)
-	jdir := filepath.Join(dir, ".podkeeper", "multipart")
-	err = peers.WaitFor(context.Background(), 90*time.Second, func() error {
-		js, _ := filepath.Glob(filepath.Join(jdir, "*.json"))
-		if len(js) != 1 {
-			return fmt.Errorf("%d journals", len(js))
-		}
-		j, err := store.LoadJournal(js[0])
-		if err != nil {
-			return err
-		}
-		if j.PartCount() != 4 {
-			return fmt.Errorf("journal has %d parts", j.PartCount())
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("%v\n%s", err, p1.output())
-	}
-	if err := p1.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	p1.wait(t, 10*time.Second)
+	proxy, env, jdir := killMidMultipart(t, srv, prefix, dir, "mp", 4)
 	ups, err := srv.Client().ListMultipartUploads(context.Background(), &s3.ListMultipartUploadsInput{Bucket: aws.String(peers.Bucket), Prefix: aws.String(prefix + "/data/video/big.bin")})
 	if err != nil || len(ups.Uploads) != 1 {
 		t.Fatalf("after SIGKILL: %v uploads in progress (%v), want 1", len(ups.Uploads), err)

@@ -29,6 +29,14 @@ dir=$work/uploads
 store=$work/store
 mkdir -p "$dir" "$store"
 export STORE_URL=file://$store LOG_FORMAT=text POD_NAME=demo-0 POD_NAMESPACE=demo
+# stop NAME PID: SIGTERM, wait, and fail with the agent's log unless it exited 0.
+stop() {
+	local code=0
+	kill -TERM "$2"
+	wait "$2" || code=$?
+	echo "$1 exited with code $code"
+	[[ $code -eq 0 ]] || { cat "$work/$1.log" >&2; exit 1; }
+}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # Describes a tree: sha256, mode and mtime (ns) of every file, state dir aside.
@@ -82,21 +90,13 @@ echo "all files are in the store"
 describe "$dir" >"$work/before.txt"
 
 step "4. SIGTERM the syncer (the kubelet stopping the Pod): it drains and writes the final snapshot"
-kill -TERM "$syncer_pid"
-code=0
-wait "$syncer_pid" || code=$?
+stop syncer "$syncer_pid"
 syncer_pid=
-echo "syncer exited with code $code"
-[[ $code -eq 0 ]] || { cat "$work/syncer.log" >&2; exit 1; }
 "$restore" list 2>/dev/null
 
 step "4b. SIGTERM the logshipper: it reads every file to its end and delivers before exiting"
-kill -TERM "$shipper_pid"
-code=0
-wait "$shipper_pid" || code=$?
+stop logshipper "$shipper_pid"
 shipper_pid=
-echo "logshipper exited with code $code"
-[[ $code -eq 0 ]] || { cat "$work/logshipper.log" >&2; exit 1; }
 sed 's/^/  /' "$work/records.jsonl"
 n=$(grep -c '"stored upload' "$work/records.jsonl" || true)
 [[ $n -eq 6 ]] || { echo "demo: $n of 6 log lines shipped" >&2; cat "$work/logshipper.log" >&2; exit 1; }
