@@ -40,6 +40,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags bench,e2e ./bench/... ./test/e2e/... # benchmarks and e2e compile even where they do not run
 
 sizes: build ## stripped size of each binary, what agents/kube costs, image sizes (after make image)
 	@for a in $(AGENTS); do \
