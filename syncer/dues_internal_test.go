@@ -96,3 +96,31 @@ func TestDuesOrder(t *testing.T) {
 		t.Fatalf("%d jobs, want the 49 left (f050 was removed)", len(s.jobs))
 	}
 }
+
+// Removing a file forgets only it; removing a directory forgets everything
+// under it, uploaded, pending or in flight.
+func TestGone(t *testing.T) {
+	s := duesSyncer(t, 0)
+	for _, k := range []string{"a/x", "a/y", "a/b/z", "ab", "c"} {
+		s.files[k] = snapshot.File{Path: k}
+	}
+	s.pending["a/b/p"] = &pend{}
+	s.pending["a/q"] = &pend{inflight: true}
+	s.pending["c"] = &pend{}
+	s.gone("c")
+	if _, ok := s.files["c"]; ok || s.pending["c"] != nil || !s.dirty {
+		t.Fatal("file c not forgotten")
+	}
+	s.gone("a")
+	for _, k := range []string{"a/x", "a/y", "a/b/z"} {
+		if _, ok := s.files[k]; ok {
+			t.Errorf("%s still listed after its directory was removed", k)
+		}
+	}
+	if _, ok := s.files["ab"]; !ok {
+		t.Error("ab forgotten with directory a")
+	}
+	if s.pending["a/b/p"] != nil || s.pending["a/q"] == nil || !s.pending["a/q"].removed {
+		t.Errorf("pending after removing a: %v", s.pending)
+	}
+}

@@ -567,6 +567,30 @@ func finishedBefore(fi fs.FileInfo) bool {
 
 // gone forgets rel and everything under it (a removed file or directory).
 func (s *Syncer) gone(rel string) {
+	_, isFile := s.files[rel]
+	if !isFile {
+		_, isFile = s.pending[rel]
+	}
+	if !isFile {
+		_, isFile = s.skipped[rel]
+	}
+	if isFile {
+		// A known file is not also a directory: forget just it. Walking every
+		// key for each of the N files of an `rm -rf` would cost N² on a big tree.
+		if _, ok := s.files[rel]; ok {
+			delete(s.files, rel)
+			s.dirty = true
+		}
+		if p := s.pending[rel]; p != nil {
+			if p.inflight {
+				p.removed = true
+			} else {
+				delete(s.pending, rel)
+			}
+		}
+		delete(s.skipped, rel)
+		return
+	}
 	drop := func(k string) bool { return k == rel || strings.HasPrefix(k, rel+"/") }
 	for k := range s.files {
 		if drop(k) {
