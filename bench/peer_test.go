@@ -5,10 +5,9 @@ package bench
 import "os"
 
 // benchS3 is the S3 server the restore and syncer benchmarks run on:
-// versitygw (the reference) unless BENCH_S3=minio. versitygw closes
-// the connection after every response, so each request pays a TCP connect;
-// MinIO keeps connections alive, which shows what the agents cost when the
-// server's request path is not the bottleneck.
+// versitygw (the reference) unless BENCH_S3=minio: a second server
+// with another request path and storage layout, to tell what is the agents'
+// cost and what is the server's.
 func benchS3() string {
 	if k := os.Getenv("BENCH_S3"); k != "" {
 		return k

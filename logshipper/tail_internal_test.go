@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"io"
 	"log/slog"
 	"os"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // testTailer is a tailer whose records land as JSON lines in enc.buf, driven

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -159,7 +160,7 @@ func (s *Syncer) schedule(rel string, p *pend) {
 
 // current reports whether it is the live entry of a pending file.
 func (s *Syncer) current(it dueItem) bool {
-	return s.pending[it.rel] == it.p && it.p.heapAt.Equal(it.at) && !it.p.heapAt.IsZero()
+	return s.pending[it.rel] == it.p && it.p.heapAt.Equal(it.at)
 }
 
 type job struct {
@@ -567,51 +568,39 @@ func finishedBefore(fi fs.FileInfo) bool {
 
 // gone forgets rel and everything under it (a removed file or directory).
 func (s *Syncer) gone(rel string) {
-	_, isFile := s.files[rel]
-	if !isFile {
-		_, isFile = s.pending[rel]
-	}
-	if !isFile {
-		_, isFile = s.skipped[rel]
-	}
-	if isFile {
+	_, uploaded := s.files[rel]
+	_, skipped := s.skipped[rel]
+	if uploaded || skipped || s.pending[rel] != nil {
 		// A known file is not also a directory: forget just it. Walking every
 		// key for each of the N files of an `rm -rf` would cost N² on a big tree.
-		if _, ok := s.files[rel]; ok {
-			delete(s.files, rel)
-			s.dirty = true
-		}
-		if p := s.pending[rel]; p != nil {
-			if p.inflight {
-				p.removed = true
-			} else {
-				delete(s.pending, rel)
-			}
-		}
-		delete(s.skipped, rel)
+		s.forget(rel)
 		return
 	}
-	drop := func(k string) bool { return k == rel || strings.HasPrefix(k, rel+"/") }
-	for k := range s.files {
-		if drop(k) {
-			delete(s.files, k)
-			s.dirty = true
+	under := rel + "/"
+	for _, m := range []func(func(string) bool){maps.Keys(s.files), maps.Keys(s.pending), maps.Keys(s.skipped)} {
+		for k := range m {
+			if strings.HasPrefix(k, under) {
+				s.forget(k)
+			}
 		}
 	}
-	for k, p := range s.pending {
-		switch {
-		case !drop(k):
-		case p.inflight:
+}
+
+// forget drops one file from what is uploaded, pending and skipped; an upload
+// in flight is only marked, its result then forgets it.
+func (s *Syncer) forget(k string) {
+	if _, ok := s.files[k]; ok {
+		delete(s.files, k)
+		s.dirty = true
+	}
+	if p := s.pending[k]; p != nil {
+		if p.inflight {
 			p.removed = true
-		default:
+		} else {
 			delete(s.pending, k)
 		}
 	}
-	for k := range s.skipped {
-		if drop(k) {
-			delete(s.skipped, k)
-		}
-	}
+	delete(s.skipped, k)
 }
 
 // rescan walks the whole tree: at start, and whenever events may have been

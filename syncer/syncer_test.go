@@ -215,8 +215,6 @@ func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 	waitObject(t, srv, prefix, "inplace.txt", []byte("written in place"), time.Second)
 }
 
-// A ≥200 MiB file goes multipart; the syncer is SIGKILLed with 4 parts on
-// the server, and the next process uploads only the missing parts.
 // killMidMultipart starts the syncer binary on dir with S3 refusing every part
 // after okParts, waits until the journal records those parts and kills the
 // process with SIGKILL: a multipart upload is left half done.
@@ -296,6 +294,8 @@ func testMultipartAbandoned(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
+// A ≥200 MiB file goes multipart; the syncer is SIGKILLed with 4 parts on
+// the server, and the next process uploads only the missing parts.
 func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	const prefix = "multipart"
