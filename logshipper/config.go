@@ -163,3 +163,9 @@ func checkWritableDir(dir string) error {
 	f.Close()
 	return os.Remove(name)
 }
+
+// HTTPListen is where lifecycle starts the health server.
+func (c *Config) HTTPListen() (addr, variable string) { return c.HTTPAddr, "LOGSHIP_HTTP_ADDR" }
+
+// DrainTimeout bounds the shutdown phase (lifecycle.Deps.Drain).
+func (c *Config) DrainTimeout() time.Duration { return c.ShutdownTimeout }

@@ -99,3 +99,9 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		}
 	}
 }
+
+// HTTPListen is where lifecycle starts the health server.
+func (c *Config) HTTPListen() (addr, variable string) { return c.HTTPAddr, "SYNC_HTTP_ADDR" }
+
+// DrainTimeout bounds the shutdown phase (lifecycle.Deps.Drain).
+func (c *Config) DrainTimeout() time.Duration { return c.ShutdownTimeout }

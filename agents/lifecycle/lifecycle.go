@@ -1,6 +1,7 @@
 // Package lifecycle is the common main of every agent: --help/--version,
-// configuration errors as exit code 2, slog from LOG_LEVEL/LOG_FORMAT, and a
-// context cancelled on SIGTERM/SIGINT.
+// configuration errors as exit code 2, slog from LOG_LEVEL/LOG_FORMAT, a
+// context cancelled on SIGTERM/SIGINT, and the one Deps value every agent's
+// New(cfg, deps) receives.
 package lifecycle
 
 import (
@@ -15,6 +16,10 @@ import (
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/podkeeper/podkeeper/agents/kube"
+	"github.com/podkeeper/podkeeper/agents/store"
 )
 
 // Version is stamped at build time: -ldflags "-X github.com/podkeeper/podkeeper/agents/lifecycle.Version=v1.2.3".
@@ -32,14 +37,60 @@ type Configurable interface {
 	BaseConfig() *config.Base
 }
 
+// HTTPServing is implemented by configurations with a probe/metrics address:
+// Main starts Deps.Health on addr, and a failure to listen is a configuration
+// error naming variable (SYNC_HTTP_ADDR, ...).
+type HTTPServing interface {
+	HTTPListen() (addr, variable string)
+}
+
+// Draining is implemented by configurations with a shutdown timeout: it becomes
+// Deps.DrainTimeout.
+type Draining interface {
+	DrainTimeout() time.Duration
+}
+
+// Deps is everything an agent takes from its surroundings, built once by Main
+// (or by a test) and passed to the agent's New(cfg, deps). Agents never build
+// their own logger, recorder, health server or store: one place decides, and
+// tests substitute real ones pointed elsewhere instead of hooks.
+type Deps struct {
+	Log *slog.Logger
+	// Events reaches the Pod's Events through agents/kube (which aggregates and
+	// rate-limits), or only the log outside a cluster.
+	Events events.Recorder
+	// Health carries the agent's metrics, readiness and liveness. Main starts it
+	// when the configuration is HTTPServing; tests start it where they like.
+	Health *health.Server
+	// Store is the object store of STORE_URL, opened by the main of the agents
+	// that have one (nil for the logshipper).
+	Store store.Store
+	// Labels returns the Pod's labels (nil outside a cluster).
+	Labels func() map[string]string
+	// DrainTimeout bounds the shutdown phase after the run context ends (0 = no
+	// bound, for agents without one).
+	DrainTimeout time.Duration
+}
+
+// Drain returns the context of the shutdown phase: not cancelled by the
+// signal that ended ctx, but bounded by DrainTimeout.
+func (d Deps) Drain(ctx context.Context) (context.Context, context.CancelFunc) {
+	if d.DrainTimeout <= 0 {
+		return context.WithCancel(context.WithoutCancel(ctx))
+	}
+	return DrainContext(ctx, d.DrainTimeout)
+}
+
 // Agent describes one binary.
 type Agent[C Configurable] struct {
 	Name    string
 	Summary string
-	// Run does the agent's work. ctx is cancelled on SIGTERM/SIGINT; the agent then
-	// drains within its own shutdown timeout. Returning an error wrapping
-	// *config.Error exits 2, any other error 1.
-	Run func(ctx context.Context, cfg C, log *slog.Logger) error
+	// Component names the agent in Kubernetes Events (default: Name).
+	Component string
+	// Run does the agent's work, typically New(cfg, deps) then Run(ctx). ctx is
+	// cancelled on SIGTERM/SIGINT; the agent then drains within deps.Drain.
+	// Returning an error wrapping *config.Error exits 2, any other error 1.
+	Run func(ctx context.Context, cfg C, deps Deps) error
 }
 
 // Main runs the agent with the process's arguments and environment and returns
@@ -69,8 +120,34 @@ func (a Agent[C]) Main(cfg C, args []string, environ []string, stdout, stderr io
 	ctx, stop := SignalContext(context.Background(), log)
 	defer stop()
 	log.Info("starting", "version", Version)
-	err := a.Run(ctx, cfg, log)
+	err := a.run(ctx, cfg, log)
 	return ExitCode(log, err)
+}
+
+// run builds the Deps, runs the agent and flushes the Events it left.
+func (a Agent[C]) run(ctx context.Context, cfg C, log *slog.Logger) error {
+	component := a.Component
+	if component == "" {
+		component = a.Name
+	}
+	ev, err := kube.New(ctx, cfg.BaseConfig(), log, kube.Options{Component: component})
+	if err != nil {
+		return err
+	}
+	// The last Events (Restored, Drained, ...) must reach the API before exit.
+	defer ev.CloseWithin(5 * time.Second)
+	deps := Deps{Log: log, Events: ev, Health: health.New(component), Labels: ev.Labels}
+	if d, ok := any(cfg).(Draining); ok {
+		deps.DrainTimeout = d.DrainTimeout()
+	}
+	if h, ok := any(cfg).(HTTPServing); ok {
+		addr, variable := h.HTTPListen()
+		if err := deps.Health.Start(addr, log); err != nil {
+			return &config.Error{Errors: []config.FieldError{{Var: variable, Value: addr, Problem: err.Error()}}}
+		}
+		defer deps.Health.Close()
+	}
+	return a.Run(ctx, cfg, deps)
 }
 
 // ExitCode logs err and maps it to an exit code.

@@ -7,11 +7,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
-	"time"
 
-	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/restore"
@@ -34,18 +31,12 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		Name: "restore",
 		Summary: "Init container: restores a snapshot (latest, by id or point in time) from the store onto RESTORE_DIR, " +
 			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256).",
-		Run: func(ctx context.Context, cfg *restore.Config, log *slog.Logger) error {
-			ev, err := kube.New(ctx, &cfg.Base, log, kube.Options{Component: "restore"})
+		Run: func(ctx context.Context, cfg *restore.Config, deps lifecycle.Deps) error {
+			st, err := store.Open(ctx, &cfg.Store, deps.Log)
 			if err != nil {
 				return err
 			}
-			// Restored / RestoreFailed must reach the API before this init container exits.
-			defer ev.CloseWithin(5 * time.Second)
-			st, err := store.Open(ctx, &cfg.Store, log)
-			if err != nil {
-				return err
-			}
-			_, err = restore.New(cfg, st, restore.Options{Log: log, Events: ev}).Run(ctx)
+			_, err = restore.New(cfg, st, restore.Options{Log: deps.Log, Events: deps.Events}).Run(ctx)
 			return err
 		},
 	}.Main(&restore.Config{}, args, environ, stdout, stderr)
@@ -53,9 +44,11 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 
 func listCmd(args, environ []string, stdout, stderr io.Writer) int {
 	return lifecycle.Agent[*restore.OpsConfig]{
-		Name:    "restore list",
+		Name:      "restore list",
+		Component: "restore",
 		Summary: "Lists the snapshots in STORE_URL: id, creation time, files, bytes.",
-		Run: func(ctx context.Context, cfg *restore.OpsConfig, log *slog.Logger) error {
+		Run: func(ctx context.Context, cfg *restore.OpsConfig, deps lifecycle.Deps) error {
+			log := deps.Log
 			if len(args) > 0 {
 				return fmt.Errorf("restore list takes no arguments, got %q", args)
 			}
@@ -75,10 +68,12 @@ func listCmd(args, environ []string, stdout, stderr io.Writer) int {
 
 func verifyCmd(args, environ []string, stdout, stderr io.Writer) int {
 	return lifecycle.Agent[*restore.OpsConfig]{
-		Name: "restore verify",
+		Name:      "restore verify",
+		Component: "restore",
 		Summary: "restore verify [ID|TIME|latest] [--deep]: checks that every object of a snapshot exists with the recorded size and " +
 			"sha256 metadata; --deep also downloads and hashes each one. Exit 1 when anything is wrong.",
-		Run: func(ctx context.Context, cfg *restore.OpsConfig, log *slog.Logger) error {
+		Run: func(ctx context.Context, cfg *restore.OpsConfig, deps lifecycle.Deps) error {
+			log := deps.Log
 			spec, deep := "latest", false
 			specSet := false
 			for _, a := range args {

@@ -4,11 +4,8 @@ package main
 
 import (
 	"context"
-	"log/slog"
 	"os"
-	"time"
 
-	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/syncer"
 )
@@ -17,13 +14,8 @@ func main() {
 	os.Exit(lifecycle.Agent[*syncer.Config]{
 		Name:    "syncer",
 		Summary: "Watches SYNC_DIR and pushes every finished file to S3, with snapshots restore can use; drains on SIGTERM.",
-		Run: func(ctx context.Context, cfg *syncer.Config, log *slog.Logger) error {
-			ev, err := kube.New(ctx, &cfg.Base, log, kube.Options{Component: "syncer"})
-			if err != nil {
-				return err
-			}
-			defer ev.CloseWithin(5 * time.Second)
-			s, err := syncer.New(ctx, cfg, syncer.Options{Log: log, Recorder: ev})
+		Run: func(ctx context.Context, cfg *syncer.Config, deps lifecycle.Deps) error {
+			s, err := syncer.New(ctx, cfg, syncer.Options{Log: deps.Log, Recorder: deps.Events, Health: deps.Health})
 			if err != nil {
 				return err
 			}
