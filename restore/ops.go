@@ -11,9 +11,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
-
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
@@ -181,16 +178,7 @@ func versionText(f snapshot.File) string {
 	return " (version " + f.VersionID + ")"
 }
 
-// head is Store.Head, for a specific version when the entry has one (S3 only:
-// the Store interface's Head has no version parameter).
+// head is Store.Head, for the entry's version when it has one.
 func head(ctx context.Context, st store.Store, key, version string) (store.ObjectInfo, error) {
-	s3st, ok := st.(*store.S3Store)
-	if version == "" || !ok {
-		return st.Head(ctx, key)
-	}
-	out, err := s3st.Client().HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(s3st.Bucket()), Key: aws.String(s3st.FullKey(key)), VersionId: aws.String(version)})
-	if err != nil {
-		return store.ObjectInfo{}, store.ClassifyS3("head", key, err)
-	}
-	return store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId)}, nil
+	return st.Head(ctx, key, store.HeadOptions{VersionID: version})
 }

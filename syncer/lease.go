@@ -177,7 +177,7 @@ func (l *lease) release(ctx context.Context) {
 	if etag == "" {
 		return
 	}
-	info, err := l.s.st.Head(ctx, LeaseKey)
+	info, err := l.s.st.Head(ctx, LeaseKey, store.HeadOptions{})
 	if err != nil || info.ETag != etag {
 		if err != nil && !errors.Is(err, store.ErrNotExist) {
 			l.s.log.Warn("cannot release lease; it expires on its own", "err", err)

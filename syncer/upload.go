@@ -139,7 +139,7 @@ func (s *Syncer) multipart(ctx context.Context, f *os.File, file snapshot.File, 
 	} else if j.UploadID != "" {
 		// Killed between Complete and removing the journal: the object is
 		// already there and the upload id is gone.
-		if h, err := s.st.Head(ctx, key); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
+		if h, err := s.st.Head(ctx, key, store.HeadOptions{}); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
 			_ = os.Remove(jp)
 			return h, nil
 		}

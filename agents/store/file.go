@@ -198,7 +198,7 @@ func (s *FileStore) Get(ctx context.Context, key string, opts GetOptions) (io.Re
 	}{io.LimitReader(f, n), f}, info, nil
 }
 
-func (s *FileStore) Head(ctx context.Context, key string) (ObjectInfo, error) {
+func (s *FileStore) Head(ctx context.Context, key string, _ HeadOptions) (ObjectInfo, error) {
 	if err := s.check("head", key); err != nil {
 		return ObjectInfo{}, err
 	}

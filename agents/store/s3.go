@@ -191,7 +191,7 @@ func (s *S3Store) Put(ctx context.Context, key string, r io.Reader, size int64, 
 		}
 		info := ObjectInfo{Key: key, Size: size, ETag: aws.ToString(out.ETag), VersionID: aws.ToString(out.VersionID)}
 		if size < 0 {
-			h, err := s.Head(ctx, key)
+			h, err := s.Head(ctx, key, HeadOptions{})
 			if err != nil {
 				return ObjectInfo{}, err
 			}
@@ -263,11 +263,15 @@ func (s *S3Store) Get(ctx context.Context, key string, opts GetOptions) (io.Read
 	return out.Body, info, nil
 }
 
-func (s *S3Store) Head(ctx context.Context, key string) (ObjectInfo, error) {
+func (s *S3Store) Head(ctx context.Context, key string, opts HeadOptions) (ObjectInfo, error) {
 	if err := ValidKey(key); err != nil {
 		return ObjectInfo{}, &Error{Op: "head", Key: key, Err: err}
 	}
-	out, err := s.client.HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(s.FullKey(key))})
+	in := &s3.HeadObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(s.FullKey(key))}
+	if opts.VersionID != "" {
+		in.VersionId = aws.String(opts.VersionID)
+	}
+	out, err := s.client.HeadObject(ctx, in)
 	if err != nil {
 		return ObjectInfo{}, s.wrap("head", key, err)
 	}
@@ -323,6 +327,8 @@ var sdkRetryables = retry.IsErrorRetryables(retry.DefaultRetryables)
 func (s *S3Store) wrap(op, key string, err error) error {
 	return ClassifyS3(op, key, err)
 }
+
+var _ Multiparter = (*S3Store)(nil)
 
 // ClassifyS3 turns an aws-sdk-go-v2 error into *Error (exported for S3-only
 // helpers that call the SDK directly).

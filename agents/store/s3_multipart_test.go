@@ -87,7 +87,7 @@ func TestUploadFileResumable(t *testing.T) {
 			if !bytes.Equal(got, data) || info.ETag == "" {
 				t.Fatalf("object differs (%d bytes, want %d)", len(got), size)
 			}
-			if h, err := st.Head(ctx, "data/big"); err != nil || h.Metadata["sha256"] != "x" {
+			if h, err := st.Head(ctx, "data/big", store.HeadOptions{}); err != nil || h.Metadata["sha256"] != "x" {
 				t.Errorf("metadata %v (%v)", h.Metadata, err)
 			}
 
@@ -110,7 +110,7 @@ func TestUploadFileResumable(t *testing.T) {
 			if j3.UploadID == old {
 				t.Error("the vanished upload id was reused")
 			}
-			if h, err := st.Head(ctx, "data/big2"); err != nil || h.Size != size {
+			if h, err := st.Head(ctx, "data/big2", store.HeadOptions{}); err != nil || h.Size != size {
 				t.Errorf("data/big2: %+v %v", h, err)
 			}
 			ups, err := st.ListMultipartUploads(ctx, "data/big")

@@ -33,7 +33,7 @@ type Store interface {
 	// Get streams the object (or a byte range of it). The caller closes the body.
 	Get(ctx context.Context, key string, opts GetOptions) (io.ReadCloser, ObjectInfo, error)
 	// Head returns an object's size, ETag, metadata and modification time.
-	Head(ctx context.Context, key string) (ObjectInfo, error)
+	Head(ctx context.Context, key string, opts HeadOptions) (ObjectInfo, error)
 	// List yields the objects whose key starts with prefix, in byte order of the
 	// key, fetching pages lazily. Metadata is not filled by List.
 	List(ctx context.Context, prefix string) iter.Seq2[ObjectInfo, error]
@@ -62,6 +62,27 @@ type GetOptions struct {
 	Offset, Length int64
 	// VersionID fetches a specific object version (S3 versioned buckets only).
 	VersionID string
+}
+
+// HeadOptions are the optional parts of a Head.
+type HeadOptions struct {
+	// VersionID describes a specific object version (S3 versioned buckets);
+	// backends without versions ignore it and describe the current object.
+	VersionID string
+}
+
+// Multiparter is the optional ability to upload a large file in parts that
+// survive a restart of the uploader (S3 multipart uploads). Callers discover
+// it with a type assertion on this interface, never on a backend's type, and
+// fall back to Put when a store lacks it.
+type Multiparter interface {
+	// UploadFileResumable uploads size bytes of f to key. j carries the state of
+	// an earlier attempt; parts the server still has are reused.
+	UploadFileResumable(ctx context.Context, key string, f io.ReaderAt, size int64, j *MultipartJournal, o MultipartOptions) (ObjectInfo, error)
+	// ListMultipartUploads lists the unfinished uploads under prefix.
+	ListMultipartUploads(ctx context.Context, prefix string) ([]MultipartUpload, error)
+	// AbortMultipart aborts an upload; one already gone is not an error.
+	AbortMultipart(ctx context.Context, key, uploadID string) error
 }
 
 // ObjectInfo describes one object.

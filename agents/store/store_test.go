@@ -56,7 +56,7 @@ func TestS3OutageIsRetryable(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.Stop()
-	_, err = s.Head(ctx, "k")
+	_, err = s.Head(ctx, "k", store.HeadOptions{})
 	if err == nil || !store.IsRetryable(err) {
 		t.Fatalf("head during outage: retryable=%v err=%v", store.IsRetryable(err), err)
 	}
@@ -64,7 +64,7 @@ func TestS3OutageIsRetryable(t *testing.T) {
 		t.Fatalf("put during outage: %v", err)
 	}
 	srv.Restart(t)
-	if _, err := s.Head(ctx, "k"); err != nil {
+	if _, err := s.Head(ctx, "k", store.HeadOptions{}); err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
 	// A permanent error is not retryable: wrong credentials.
@@ -73,7 +73,7 @@ func TestS3OutageIsRetryable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bad.Head(ctx, "k"); err == nil || store.IsRetryable(err) || errors.Is(err, store.ErrNotExist) {
+	if _, err := bad.Head(ctx, "k", store.HeadOptions{}); err == nil || store.IsRetryable(err) || errors.Is(err, store.ErrNotExist) {
 		t.Fatalf("bad credentials: retryable=%v err=%v", store.IsRetryable(err), err)
 	}
 }
@@ -99,7 +99,7 @@ func TestS3CustomCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = untrusting.Head(ctx, "k")
+	_, err = untrusting.Head(ctx, "k", store.HeadOptions{})
 	if err == nil {
 		t.Fatal("an unknown CA was trusted without S3_CA_FILE")
 	}

@@ -46,7 +46,7 @@ func listCmd(args, environ []string, stdout, stderr io.Writer) int {
 	return lifecycle.Agent[*restore.OpsConfig]{
 		Name:      "restore list",
 		Component: "restore",
-		Summary: "Lists the snapshots in STORE_URL: id, creation time, files, bytes.",
+		Summary:   "Lists the snapshots in STORE_URL: id, creation time, files, bytes.",
 		Run: func(ctx context.Context, cfg *restore.OpsConfig, deps lifecycle.Deps) error {
 			log := deps.Log
 			if len(args) > 0 {

@@ -139,7 +139,7 @@ func testSyncerRoundTrip(t *testing.T, syncerBin string, storeEnv []string) {
 		default:
 		}
 		for p := range files {
-			if _, err := st.Head(context.Background(), snapshot.DataKey(p)); err != nil {
+			if _, err := st.Head(context.Background(), snapshot.DataKey(p), store.HeadOptions{}); err != nil {
 				return fmt.Errorf("%s not uploaded yet: %v", p, err)
 			}
 		}

@@ -34,7 +34,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 		if info.ETag == "" || info.Size != int64(len(body)) {
 			t.Fatalf("put info = %+v", info)
 		}
-		h, err := s.Head(ctx, "data/a/b.txt")
+		h, err := s.Head(ctx, "data/a/b.txt", store.HeadOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,7 +69,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 		if _, err := s.Put(ctx, "empty", bytes.NewReader(nil), 0, store.PutOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		h, err := s.Head(ctx, "empty")
+		h, err := s.Head(ctx, "empty", store.HeadOptions{})
 		if err != nil || h.Size != 0 {
 			t.Fatalf("head = %+v, %v", h, err)
 		}
@@ -112,7 +112,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 
 	t.Run("NotFoundOnEveryCall", func(t *testing.T) {
 		s := newStore(t)
-		if _, err := s.Head(ctx, "missing"); !errors.Is(err, store.ErrNotExist) {
+		if _, err := s.Head(ctx, "missing", store.HeadOptions{}); !errors.Is(err, store.ErrNotExist) {
 			t.Errorf("head: %v", err)
 		}
 		if _, _, err := s.Get(ctx, "missing", store.GetOptions{}); !errors.Is(err, store.ErrNotExist) {
@@ -157,7 +157,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 		if got := get(t, s, "lease.json", store.GetOptions{}); string(got) != "v3" {
 			t.Fatalf("content = %q, want v3", got)
 		}
-		h, _ := s.Head(ctx, "lease.json")
+		h, _ := s.Head(ctx, "lease.json", store.HeadOptions{})
 		if h.ETag != second.ETag {
 			t.Fatalf("head etag %s, put etag %s", h.ETag, second.ETag)
 		}
@@ -225,7 +225,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 		if err := s.Delete(ctx, "k/x"); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Head(ctx, "k/x"); !errors.Is(err, store.ErrNotExist) {
+		if _, err := s.Head(ctx, "k/x", store.HeadOptions{}); !errors.Is(err, store.ErrNotExist) {
 			t.Fatalf("after delete: %v", err)
 		}
 		if keys := listKeys(t, s, ""); len(keys) != 0 {
@@ -291,7 +291,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store, multipart int64)
 					t.Fatalf("%s: content differs", k)
 				}
 			}
-			if h, _ := s.Head(ctx, "big/known"); h.Metadata["sha256"] != "x" {
+			if h, _ := s.Head(ctx, "big/known", store.HeadOptions{}); h.Metadata["sha256"] != "x" {
 				t.Fatalf("multipart metadata lost: %v", h.Metadata)
 			}
 			_, err = s.Put(ctx, "big/known", bufioish(bytes.NewReader(body)), int64(len(body)), store.PutOptions{IfNoneMatch: true})
