@@ -133,6 +133,21 @@ func TestStoreURLs(t *testing.T) {
 	}
 }
 
+// A refused STORE_URL names the variable but never prints a credential it
+// carries, also when the value does not even parse.
+func TestStoreURLSecretNotPrinted(t *testing.T) {
+	for _, bad := range []string{"s3://AKIDEXAMPLE:s3cr3tKEY@bucket/p", "s3://AKIDEXAMPLE:s3cr3tKEY@bucket/%zz",
+		"s3://AKIDEXAMPLE:s3cr3t/KEY@bucket/p", "file://AKIDEXAMPLE:s3cr3tKEY@host/x"} {
+		_, errs := load(t, Env{"T_DIR": "/d", "STORE_URL": bad})
+		if errs == nil || !errs.Has("STORE_URL") {
+			t.Fatalf("STORE_URL=%q accepted", bad)
+		}
+		if msg := errs.Error(); strings.Contains(msg, "s3cr3t") || strings.Contains(msg, "AKIDEXAMPLE") {
+			t.Errorf("STORE_URL=%q: the error prints the credential: %s", bad, msg)
+		}
+	}
+}
+
 func TestHelpListsEveryVariable(t *testing.T) {
 	var buf bytes.Buffer
 	Help(&buf, "tester", "a test agent", &testConfig{})

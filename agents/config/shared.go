@@ -2,6 +2,7 @@ package config
 
 import (
 	"crypto/x509"
+	"errors"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -74,43 +75,69 @@ func (s *Store) Validate(env Env, errs *Error) {
 	}
 }
 
+// RedactURL hides the user-info part of a URL-like value ("s3://KEY:SECRET@b/p"
+// -> "s3://xxxxx@b/p"), also when the value does not parse: a value refused for
+// carrying credentials must not print them in the refusal.
+func RedactURL(v string) string {
+	i := strings.Index(v, "://")
+	if i < 0 {
+		return v
+	}
+	rest := v[i+3:]
+	at := strings.LastIndex(rest, "@")
+	if at < 0 {
+		return v
+	}
+	return v[:i+3] + "xxxxx" + rest[at:]
+}
+
 func (s *Store) parseURL(errs *Error) {
+	shown := RedactURL(s.URL)
 	u, err := url.Parse(s.URL)
 	if err != nil {
-		errs.Add("STORE_URL", s.URL, "is not a URL (%v); use s3://BUCKET/PREFIX or file:///ABS/PATH", err)
+		// url.Error repeats the raw value, and its reason may quote a piece of
+		// the user-info (an "invalid port" that is half a secret).
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		if shown != s.URL {
+			err = errors.New("it carries user-info; credentials come from the S3 Secret, never the URL")
+		}
+		errs.Add("STORE_URL", shown, "is not a URL (%v); use s3://BUCKET/PREFIX or file:///ABS/PATH", err)
 		return
 	}
 	s.Scheme = u.Scheme
 	switch u.Scheme {
 	case "s3":
 		if !bucketRe.MatchString(u.Host) || strings.Contains(u.Host, "..") {
-			errs.Add("STORE_URL", s.URL, "bucket %q is not a valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)", u.Host)
+			errs.Add("STORE_URL", shown, "bucket %q is not a valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)", u.Host)
 			return
 		}
 		if u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-			errs.Add("STORE_URL", s.URL, "must not carry credentials, a query or a fragment; use s3://BUCKET/PREFIX")
+			errs.Add("STORE_URL", shown, "must not carry credentials, a query or a fragment; use s3://BUCKET/PREFIX")
 			return
 		}
 		s.Bucket = u.Host
 		p := strings.Trim(u.Path, "/")
 		for _, el := range strings.Split(p, "/") {
 			if p != "" && (el == "" || el == "." || el == "..") {
-				errs.Add("STORE_URL", s.URL, "prefix %q must not contain empty, '.' or '..' elements", p)
+				errs.Add("STORE_URL", shown, "prefix %q must not contain empty, '.' or '..' elements", p)
 				return
 			}
 		}
 		s.Prefix = p
 	case "file":
 		if u.Host != "" && u.Host != "localhost" {
-			errs.Add("STORE_URL", s.URL, "file URLs must be file:///ABS/PATH (three slashes), not a host %q", u.Host)
+			errs.Add("STORE_URL", shown, "file URLs must be file:///ABS/PATH (three slashes), not a host %q", u.Host)
 			return
 		}
 		if !filepath.IsAbs(u.Path) || filepath.Clean(u.Path) == "/" {
-			errs.Add("STORE_URL", s.URL, "file URLs need an absolute path other than /, e.g. file:///var/lib/podkeeper")
+			errs.Add("STORE_URL", shown, "file URLs need an absolute path other than /, e.g. file:///var/lib/podkeeper")
 			return
 		}
 		s.Path = filepath.Clean(u.Path)
 	default:
-		errs.Add("STORE_URL", s.URL, "scheme must be s3:// or file://")
+		errs.Add("STORE_URL", shown, "scheme must be s3:// or file://")
 	}
 }
