@@ -386,7 +386,8 @@ func maps(o obj) obj {
 // The variables the manifests set must be ones the agents read: a typo in a
 // ConfigMap key is silently ignored by the agent.
 func TestConfigMapKeysAreKnownVariables(t *testing.T) {
-	known := map[string]bool{"STORE_URL": true}
+	// AWS_EC2_METADATA_DISABLED is the SDK's own: TestS3CredentialsNeverFallBack.
+	known := map[string]bool{"STORE_URL": true, "AWS_EC2_METADATA_DISABLED": true}
 	for _, f := range []string{"README.md"} {
 		b, err := os.ReadFile(filepath.Join(root(), f))
 		if err != nil {
@@ -411,5 +412,52 @@ func TestConfigMapKeysAreKnownVariables(t *testing.T) {
 				t.Errorf("ConfigMap key %s is no agent variable in README's tables", k)
 			}
 		}
+	}
+}
+
+// A missing or misnamed S3 Secret must stop the Pod (the kubelet refuses a
+// required secretRef), never let the SDK fall back to the node's instance role:
+// the Secret is required wherever the agents use keys, absent where the overlay
+// uses workload identity (aws), and IMDS is off in every agents' ConfigMap.
+func TestS3CredentialsNeverFallBack(t *testing.T) {
+	checked := 0
+	for _, s := range sources(t) {
+		identity := strings.HasSuffix(s.name, "/aws")
+		for _, o := range s.docs {
+			if o["kind"] == "ConfigMap" && str(o, "metadata", "name") == "podkeeper" {
+				if v := str(o, "data", "AWS_EC2_METADATA_DISABLED"); v != "true" {
+					t.Errorf("%s: ConfigMap podkeeper has AWS_EC2_METADATA_DISABLED=%q, want \"true\"", s.name, v)
+				}
+			}
+			spec := podSpec(o)
+			if spec == nil {
+				continue
+			}
+			for _, c := range append(list(spec, "initContainers"), list(spec, "containers")...) {
+				name := str(c, "name")
+				if name != "restore" && name != "syncer" {
+					continue
+				}
+				checked++
+				var refs []any
+				for _, e := range list(c, "envFrom") {
+					if r := get(e, "secretRef"); r != nil {
+						refs = append(refs, r)
+					}
+				}
+				id := fmt.Sprintf("%s: %s/%s container %s", s.name, o["kind"], str(o, "metadata", "name"), name)
+				switch {
+				case identity && len(refs) > 0:
+					t.Errorf("%s: reads a Secret although the overlay uses workload identity", id)
+				case !identity && len(refs) != 1:
+					t.Errorf("%s: %d S3 secretRefs, want 1", id, len(refs))
+				case !identity && get(refs[0], "optional") == true:
+					t.Errorf("%s: the S3 secretRef is optional: a missing Secret would make the SDK try the node's role", id)
+				}
+			}
+		}
+	}
+	if checked < 2*(2+len(overlays(t))) {
+		t.Fatalf("only %d restore/syncer containers found", checked)
 	}
 }
