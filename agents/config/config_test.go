@@ -153,8 +153,8 @@ func TestHelpListsEveryVariable(t *testing.T) {
 	Help(&buf, "tester", "a test agent", &testConfig{})
 	out := buf.String()
 	vars := Vars(&testConfig{})
-	if len(vars) != 17 {
-		t.Fatalf("Vars found %d variables, want 17", len(vars))
+	if len(vars) != 19 {
+		t.Fatalf("Vars found %d variables, want 19", len(vars))
 	}
 	for _, v := range vars {
 		if !strings.Contains(out, v.Name) {

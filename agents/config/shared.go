@@ -15,6 +15,8 @@ import (
 type Base struct {
 	PodName      string `env:"POD_NAME" help:"Name of this Pod (downward API: metadata.name). Used in records, leases and snapshots."`
 	PodNamespace string `env:"POD_NAMESPACE" help:"Namespace of this Pod (downward API: metadata.namespace)."`
+	PodUID       string `env:"POD_UID" help:"UID of this Pod (downward API: metadata.uid). Names the Pod in Kubernetes Events, with POD_NAME and POD_NAMESPACE."`
+	NodeName     string `env:"NODE_NAME" help:"Node this Pod runs on (downward API: spec.nodeName). The source host of Kubernetes Events."`
 	LogLevel     string `env:"LOG_LEVEL" envDefault:"info" enum:"debug|info|warn|error" help:"Minimum level of the agent's own log."`
 	LogFormat    string `env:"LOG_FORMAT" envDefault:"json" enum:"json|text" help:"Format of the agent's own log on stderr."`
 	KubeEvents   string `env:"KUBE_EVENTS" envDefault:"auto" enum:"auto|true|false" help:"Post Kubernetes Events on this Pod: auto = when running in a cluster, true = required (error at start if the API is unreachable or forbidden), false = never."`

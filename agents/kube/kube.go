@@ -1,11 +1,16 @@
 // Package kube connects an agent to the Kubernetes API of the cluster it runs in,
-// for two things only: posting Events on the agent's own Pod and reading that
-// Pod's labels. It talks to the API with client-go's rest client and a scheme
-// holding just the core/v1 types it sends and reads; the generated clientset
-// (k8s.io/client-go/kubernetes) would add ~35 MB to every agent for two calls.
+// for one thing only: posting Events on the agent's own Pod. It talks to the
+// API with client-go's rest client and a scheme holding just the core/v1 types
+// it sends; the generated clientset (k8s.io/client-go/kubernetes) would add
+// ~35 MB to every agent for one call.
 //
-// The RBAC this needs, and nothing more: get on pods (its own Pod: UID, node,
-// labels) and create + patch on events, in the Pod's namespace.
+// What the agents know about their own Pod comes from the downward API, not
+// from the API server: name, namespace, UID and node from the environment
+// (POD_NAME, POD_NAMESPACE, POD_UID, NODE_NAME), labels from a file the
+// kubelet keeps current (<SADir>/labels). So the RBAC this needs, and nothing
+// more, is create + patch on events in the Pod's namespace: no read of any Pod,
+// which would show the agents every neighbour's spec, literal env values
+// included.
 package kube
 
 import (
@@ -13,11 +18,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
-	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,7 +62,10 @@ type Options struct {
 	// SeriesWindow: a repeat within this window updates the existing Event
 	// (count, message, lastTimestamp); later, a new Event is created. Default 10m.
 	SeriesWindow time.Duration
-	// LabelsRefresh is how often Labels re-reads the Pod. Default 1m.
+	// LabelsFile is the downward API file with the Pod's labels (one
+	// key="value" per line, as the kubelet writes it). Default <SADir>/labels.
+	LabelsFile string
+	// LabelsRefresh is how often Labels re-reads LabelsFile. Default 1m.
 	LabelsRefresh time.Duration
 	// RequestTimeout bounds every API call. Default 10s.
 	RequestTimeout time.Duration
@@ -67,6 +77,9 @@ func (o *Options) defaults() {
 	}
 	if o.SADir == "" {
 		o.SADir = ServiceAccountDir
+	}
+	if o.LabelsFile == "" {
+		o.LabelsFile = filepath.Join(o.SADir, "labels")
 	}
 	if o.Interval <= 0 {
 		o.Interval = 30 * time.Second
@@ -98,7 +111,6 @@ type Kube struct {
 	base *config.Base
 
 	client *rest.RESTClient // nil when off
-	pod    *pod             // own Pod as read at start
 
 	labels     atomic.Pointer[map[string]string]
 	labelsOnce sync.Once
@@ -155,7 +167,7 @@ func New(ctx context.Context, base *config.Base, log *slog.Logger, opts Options)
 				return nil, err
 			}
 			log.Warn("Kubernetes API not usable; events stay in the log", "err", err)
-			k.client, k.pod = nil, nil
+			k.client = nil
 		}
 	}
 	go k.run()
@@ -184,34 +196,40 @@ func (k *Kube) connect(ctx context.Context, required bool) error {
 			k.base.PodNamespace = string(b)
 		}
 	}
-	if k.base.PodName == "" || k.base.PodNamespace == "" {
-		errs := &config.Error{}
-		errs.Add("POD_NAME", k.base.PodName, "must be set (downward API fieldRef metadata.name, with POD_NAMESPACE from metadata.namespace) to post Kubernetes Events on this Pod")
-		return errs
-	}
 	return k.attach(ctx, cfg)
 }
 
-// attach reads the own Pod and checks the Events permission; only then is the
-// API used, so a half-configured cluster degrades to log-only in one place.
+// attach checks the Pod's identity and the Events permission; only then is
+// the API used, so a half-configured cluster degrades to log-only in one place.
 func (k *Kube) attach(ctx context.Context, cfg *rest.Config) error {
+	if err := k.identity(); err != nil {
+		return err
+	}
 	client, err := newRESTClient(cfg)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
 	rctx, cancel := context.WithTimeout(ctx, k.opts.RequestTimeout)
 	defer cancel()
-	pod, err := getPod(rctx, client, k.base.PodNamespace, k.base.PodName)
-	if err != nil {
-		return fmt.Errorf("read own Pod %s/%s: %w", k.base.PodNamespace, k.base.PodName, err)
-	}
 	if err := k.canCreateEvents(rctx, client); err != nil {
 		return err
 	}
-	k.client, k.pod = client, pod
-	k.storeLabels(pod.Metadata.Labels)
-	k.log.Debug("Kubernetes Events on", "pod", k.base.PodName, "namespace", k.base.PodNamespace, "uid", pod.Metadata.UID)
+	k.client = client
+	k.log.Debug("Kubernetes Events on", "pod", k.base.PodName, "namespace", k.base.PodNamespace, "uid", k.base.PodUID)
 	return nil
+}
+
+// identity: an Event names its Pod by namespace, name and UID (kubectl
+// describe matches all three), and all three come from the downward API.
+func (k *Kube) identity() error {
+	errs := &config.Error{}
+	if k.base.PodName == "" || k.base.PodNamespace == "" {
+		errs.Add("POD_NAME", k.base.PodName, "must be set (downward API fieldRef metadata.name, with POD_NAMESPACE from metadata.namespace) to post Kubernetes Events on this Pod")
+	}
+	if k.base.PodUID == "" {
+		errs.Add("POD_UID", "", "must be set (downward API fieldRef metadata.uid) to post Kubernetes Events on this Pod")
+	}
+	return errs.Err()
 }
 
 // canCreateEvents asks the API (SelfSubjectAccessReview, allowed to every
@@ -468,11 +486,11 @@ func (k *Kube) write(ctx context.Context, w *write, now time.Time) (string, erro
 		APIVersion: "v1", Kind: "Event",
 		Metadata: objectMeta{GenerateName: k.base.PodName + ".", Namespace: k.base.PodNamespace},
 		InvolvedObject: objectReference{
-			APIVersion: "v1", Kind: "Pod", Namespace: k.base.PodNamespace, Name: k.base.PodName, UID: k.pod.Metadata.UID,
+			APIVersion: "v1", Kind: "Pod", Namespace: k.base.PodNamespace, Name: k.base.PodName, UID: k.base.PodUID,
 		},
 		Reason: w.k.reason, Message: msg, Type: string(w.k.t), Count: w.count,
 		FirstTimestamp: apiTime(w.first), LastTimestamp: apiTime(now),
-		Source:              eventSource{Component: "podkeeper-" + k.opts.Component, Host: k.pod.Spec.NodeName},
+		Source:              eventSource{Component: "podkeeper-" + k.opts.Component, Host: k.base.NodeName},
 		ReportingController: "podkeeper.io/" + k.opts.Component,
 		ReportingInstance:   k.base.PodName,
 	}
@@ -514,23 +532,36 @@ func retryable(err error) bool {
 	return true
 }
 
-// Labels returns the Pod's labels, read at start and refreshed every
-// LabelsRefresh in the background (started by the first call, so agents that
-// never ask cost the API nothing). The map is shared: callers must not modify
-// it. nil when the API is not in use.
+// Labels returns the Pod's labels from the downward API file, read at the
+// first call and re-read every LabelsRefresh in the background (so agents that
+// never ask pay nothing). The map is shared: callers must not modify it. nil
+// when the file does not exist (outside a cluster, or not mounted).
 func (k *Kube) Labels() map[string]string {
-	if k.client != nil {
-		k.labelsOnce.Do(func() { go k.refreshLabels() })
-	}
+	k.labelsOnce.Do(func() {
+		k.readLabels()
+		go k.refreshLabels()
+	})
 	if p := k.labels.Load(); p != nil {
 		return *p
 	}
 	return nil
 }
 
-func (k *Kube) storeLabels(l map[string]string) {
-	c := maps.Clone(l)
-	k.labels.Store(&c)
+func (k *Kube) readLabels() {
+	b, err := os.ReadFile(k.opts.LabelsFile)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			// Keep the last labels: stale labels beat records without them.
+			k.log.Debug("read Pod labels", "file", k.opts.LabelsFile, "err", err)
+		}
+		return
+	}
+	l, err := parseLabels(b)
+	if err != nil {
+		k.log.Warn("Pod labels file unreadable; keeping the last labels", "file", k.opts.LabelsFile, "err", err)
+		return
+	}
+	k.labels.Store(&l)
 }
 
 func (k *Kube) refreshLabels() {
@@ -541,15 +572,29 @@ func (k *Kube) refreshLabels() {
 		case <-k.ctx.Done():
 			return
 		case <-t.C:
+			k.readLabels()
 		}
-		rctx, cancel := context.WithTimeout(k.ctx, k.opts.RequestTimeout)
-		pod, err := getPod(rctx, k.client, k.base.PodNamespace, k.base.PodName)
-		cancel()
-		if err != nil {
-			// Keep the last labels: stale labels beat records without them.
-			k.log.Debug("refresh Pod labels", "err", err)
+	}
+}
+
+// parseLabels reads the kubelet's downward API format: one key="value" per
+// line, the value quoted as a Go string literal.
+func parseLabels(b []byte) (map[string]string, error) {
+	l := map[string]string{}
+	for line := range strings.Lines(string(b)) {
+		line = strings.TrimSpace(line)
+		if line == "" {
 			continue
 		}
-		k.storeLabels(pod.Metadata.Labels)
+		key, quoted, ok := strings.Cut(line, "=")
+		if !ok || key == "" {
+			return nil, fmt.Errorf("line %q is not key=\"value\"", line)
+		}
+		v, err := strconv.Unquote(quoted)
+		if err != nil {
+			return nil, fmt.Errorf("label %s: value %s: %w", key, quoted, err)
+		}
+		l[key] = v
 	}
+	return l, nil
 }

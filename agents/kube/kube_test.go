@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,8 +16,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
@@ -35,7 +32,6 @@ type fakeAPI struct {
 	saDir  string
 	token  string
 	mu     sync.Mutex
-	labels map[string]string
 	allow  bool
 	events map[string]*event
 	seq    int
@@ -43,12 +39,13 @@ type fakeAPI struct {
 	fail    map[string][]int
 	creates int
 	patches int
+	gets    int
 	// hang, when set, holds every Event write until the channel is closed.
 	hang chan struct{}
 }
 
 func newFakeAPI(t *testing.T) *fakeAPI {
-	f := &fakeAPI{t: t, token: "sa-token-123", labels: map[string]string{"app": "upload"}, allow: true,
+	f := &fakeAPI{t: t, token: "sa-token-123", allow: true,
 		events: map[string]*event{}, fail: map[string][]int{}}
 	f.srv = httptest.NewTLSServer(http.HandlerFunc(f.serve))
 	t.Cleanup(f.srv.Close)
@@ -57,6 +54,13 @@ func newFakeAPI(t *testing.T) *fakeAPI {
 	must(t, os.WriteFile(filepath.Join(f.saDir, "ca.crt"), ca, 0o600))
 	must(t, os.WriteFile(filepath.Join(f.saDir, "token"), []byte(f.token), 0o600))
 	must(t, os.WriteFile(filepath.Join(f.saDir, "namespace"), []byte("team"), 0o600))
+	// The kubelet's downward API format, quoting included.
+	must(t, os.WriteFile(filepath.Join(f.saDir, "labels"), []byte("app=\"upload\"\nnote=\"a \\\"quoted\\\" value\"\n"), 0o600))
+	t.Cleanup(func() {
+		if f.gets > 0 {
+			t.Errorf("the agent read from the API %d times; it has no RBAC to read anything", f.gets)
+		}
+	})
 	return f
 }
 
@@ -98,12 +102,10 @@ func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	w.Header().Set("Content-Type", "application/json")
 	switch {
-	case r.Method == "GET" && r.URL.Path == "/api/v1/namespaces/team/pods/upload-0":
-		p := pod{Metadata: objectMeta{Name: "upload-0", Namespace: "team", UID: "uid-1", Labels: maps.Clone(f.labels)}}
-		p.Spec.NodeName = "node-a"
-		json.NewEncoder(w).Encode(p)
-	case r.Method == "GET" && strings.HasPrefix(r.URL.Path, "/api/v1/namespaces/"):
-		status(w, 404, "NotFound")
+	case r.Method == "GET":
+		// The agents read nothing from the API (no RBAC for it): any GET is a bug.
+		f.gets++
+		status(w, 403, "Forbidden")
 	case r.Method == "POST" && r.URL.Path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
 		var rev accessReview
 		json.Unmarshal(body, &rev)
@@ -178,7 +180,7 @@ func (s *syncBuf) String() string {
 }
 
 func base(mode string) *config.Base {
-	return &config.Base{PodName: "upload-0", PodNamespace: "team", KubeEvents: mode}
+	return &config.Base{PodName: "upload-0", PodNamespace: "team", PodUID: "uid-1", NodeName: "node-a", KubeEvents: mode}
 }
 
 func TestAutoOutsideClusterIsQuietlyLogOnly(t *testing.T) {
@@ -220,15 +222,15 @@ func TestFalseNeverCallsTheAPI(t *testing.T) {
 	}
 }
 
-func TestTrueNeedsPodName(t *testing.T) {
+func TestTrueNeedsPodIdentity(t *testing.T) {
 	f := newFakeAPI(t)
 	log, _ := testLog()
 	b := base("true")
-	b.PodName = ""
+	b.PodName, b.PodUID = "", ""
 	_, err := New(t.Context(), b, log, f.opts())
 	var ce *config.Error
-	if !errors.As(err, &ce) || !ce.Has("POD_NAME") {
-		t.Fatalf("want a *config.Error naming POD_NAME, got %v", err)
+	if !errors.As(err, &ce) || !ce.Has("POD_NAME") || !ce.Has("POD_UID") {
+		t.Fatalf("want a *config.Error naming POD_NAME and POD_UID, got %v", err)
 	}
 }
 
@@ -260,16 +262,6 @@ func TestForbidden(t *testing.T) {
 	defer k.Close(t.Context())
 	if k.Enabled() || !strings.Contains(buf.String(), "events stay in the log") {
 		t.Fatalf("auto + forbidden: enabled=%v log:\n%s", k.Enabled(), buf)
-	}
-}
-
-func TestForbiddenPodRead(t *testing.T) {
-	f := newFakeAPI(t)
-	f.fail["GET"] = []int{403}
-	log, _ := testLog()
-	_, err := New(t.Context(), base("true"), log, f.opts())
-	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "fake 403") {
-		t.Fatalf("want the API's Forbidden with its message, got %v", err)
 	}
 }
 
@@ -407,40 +399,50 @@ func TestForbiddenWriteIsDropped(t *testing.T) {
 	}
 }
 
+// Labels come from the downward API file and follow it when the kubelet
+// rewrites it; an unreadable rewrite keeps the last labels.
 func TestLabelsRefresh(t *testing.T) {
 	f := newFakeAPI(t)
-	log, _ := testLog()
+	log, buf := testLog()
 	o := f.opts()
 	o.LabelsRefresh = 20 * time.Millisecond
 	k, err := New(t.Context(), base("auto"), log, o)
 	must(t, err)
 	defer k.Close(t.Context())
-	if got := k.Labels()["app"]; got != "upload" {
-		t.Fatalf("labels at start: %v", k.Labels())
+	if l := k.Labels(); l["app"] != "upload" || l["note"] != `a "quoted" value` {
+		t.Fatalf("labels at start: %v", l)
 	}
-	f.mu.Lock()
-	f.labels = map[string]string{"app": "upload", "version": "v2"}
-	f.mu.Unlock()
+	file := filepath.Join(f.saDir, "labels")
+	must(t, os.WriteFile(file+".new", []byte("app=\"upload\"\nversion=\"v2\"\n"), 0o600))
+	must(t, os.Rename(file+".new", file))
 	must(t, peers.WaitFor(t.Context(), 10*time.Second, func() error {
 		if k.Labels()["version"] != "v2" {
 			return fmt.Errorf("labels %v", k.Labels())
 		}
 		return nil
 	}))
-	// A failing refresh keeps the last labels.
-	f.mu.Lock()
-	f.fail["GET"] = []int{500, 500, 500}
-	f.mu.Unlock()
+	must(t, os.WriteFile(file+".new", []byte("garbage without quotes\n"), 0o600))
+	must(t, os.Rename(file+".new", file))
 	must(t, peers.WaitFor(t.Context(), 10*time.Second, func() error {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		if len(f.fail["GET"]) > 0 {
-			return errors.New("refresh has not failed yet")
+		if !strings.Contains(buf.String(), "Pod labels file unreadable") {
+			return errors.New("bad file not read yet")
 		}
 		return nil
 	}))
 	if k.Labels()["version"] != "v2" {
-		t.Fatalf("labels lost on a failed refresh: %v", k.Labels())
+		t.Fatalf("labels lost on an unreadable file: %v", k.Labels())
+	}
+}
+
+func TestParseLabels(t *testing.T) {
+	l, err := parseLabels([]byte("a=\"1\"\nb.io/c=\"x=y\"\n\n"))
+	if err != nil || len(l) != 2 || l["a"] != "1" || l["b.io/c"] != "x=y" {
+		t.Fatalf("%v %v", l, err)
+	}
+	for _, bad := range []string{"a=1\n", "=\"x\"\n", "a\n", "a=\"unterminated\n"} {
+		if _, err := parseLabels([]byte(bad)); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
 	}
 }
 

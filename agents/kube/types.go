@@ -1,8 +1,6 @@
 package kube
 
 import (
-	"context"
-	"encoding/json"
 	"time"
 
 	"k8s.io/client-go/rest"
@@ -12,18 +10,10 @@ import (
 // spells them in JSON. Unknown fields in responses are ignored.
 
 type objectMeta struct {
-	Name         string            `json:"name,omitempty"`
-	GenerateName string            `json:"generateName,omitempty"`
-	Namespace    string            `json:"namespace,omitempty"`
-	UID          string            `json:"uid,omitempty"`
-	Labels       map[string]string `json:"labels,omitempty"`
-}
-
-type pod struct {
-	Metadata objectMeta `json:"metadata"`
-	Spec     struct {
-		NodeName string `json:"nodeName,omitempty"`
-	} `json:"spec"`
+	Name         string `json:"name,omitempty"`
+	GenerateName string `json:"generateName,omitempty"`
+	Namespace    string `json:"namespace,omitempty"`
+	UID          string `json:"uid,omitempty"`
 }
 
 type objectReference struct {
@@ -76,18 +66,6 @@ type accessReview struct {
 
 // apiTime is metav1.Time's wire form (RFC 3339, whole seconds, UTC).
 func apiTime(t time.Time) string { return t.UTC().Format(time.RFC3339) }
-
-func getPod(ctx context.Context, c *rest.RESTClient, ns, name string) (*pod, error) {
-	raw, err := rawBody(c.Get().Namespace(ns).Resource("pods").Name(name).Do(ctx))
-	if err != nil {
-		return nil, err
-	}
-	p := &pod{}
-	if err := json.Unmarshal(raw, p); err != nil {
-		return nil, err
-	}
-	return p, nil
-}
 
 // rawBody is Result.Raw with the API's Status decoded into the error (Raw
 // alone returns a generic "unknown" error, losing Forbidden's message).

@@ -208,7 +208,6 @@ func TestAPIRBAC(t *testing.T) {
 	var created struct{ Metadata struct{ Name string } }
 	json.Unmarshal(r.body, &created)
 	allowed := []struct{ method, path string }{
-		{"GET", "/api/v1/namespaces/" + ns + "/pods/rbac-self"},
 		{"PATCH", "/api/v1/namespaces/" + ns + "/events/" + created.Metadata.Name},
 	}
 	for _, call := range allowed {
@@ -229,6 +228,10 @@ func TestAPIRBAC(t *testing.T) {
 		{"PATCH", "/api/v1/namespaces/" + ns + "/pods/rbac-neighbour", `{"metadata":{"labels":{"x":"y"}}}`},
 		{"PATCH", "/api/v1/namespaces/" + ns + "/pods/rbac-self", `{"metadata":{"labels":{"x":"y"}}}`},
 		{"GET", "/api/v1/namespaces/" + ns + "/pods", nil},
+		// The own Pod too: identity and labels come from the downward API, and a
+		// get on pods cannot be limited to one's own Pod name ahead of time.
+		{"GET", "/api/v1/namespaces/" + ns + "/pods/rbac-self", nil},
+		{"GET", "/api/v1/namespaces/" + ns + "/pods/rbac-neighbour", nil},
 		{"DELETE", "/api/v1/namespaces/" + ns + "/pods/rbac-neighbour", nil},
 		{"GET", "/api/v1/namespaces/" + ns + "/events", nil},
 		{"DELETE", "/api/v1/namespaces/" + ns + "/events/" + created.Metadata.Name, nil},
@@ -265,9 +268,20 @@ func TestAPIKubeEventsAndLabels(t *testing.T) {
 	pod := a.upPod(t, "kube-self")
 	uid := str(pod, "metadata", "uid")
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	base := &config.Base{PodName: "kube-self", KubeEvents: "true"}
+	base := &config.Base{PodName: "kube-self", PodUID: uid, NodeName: "node-a", KubeEvents: "true"}
+	dir := saDir(t, a, a.saToken(t, ns, "podkeeper"))
+	// What the kubelet's downward API volume holds (no kubelet here; e2e has one).
+	writeLabels := func(l string) {
+		if err := os.WriteFile(filepath.Join(dir, "labels.tmp"), []byte(l), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(filepath.Join(dir, "labels.tmp"), filepath.Join(dir, "labels")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeLabels("app.kubernetes.io/name=\"upload-app\"\n")
 	k, err := kube.New(t.Context(), base, log, kube.Options{
-		Component: "syncer", Host: a.host, SADir: saDir(t, a, a.saToken(t, ns, "podkeeper")),
+		Component: "syncer", Host: a.host, SADir: dir,
 		Interval: 200 * time.Millisecond, LabelsRefresh: 100 * time.Millisecond,
 	})
 	if err != nil {
@@ -284,10 +298,8 @@ func TestAPIKubeEventsAndLabels(t *testing.T) {
 		k.Event(t.Context(), events.Warning, "UploadsFailing", fmt.Sprintf("upload %d failed: connection refused", i))
 	}
 	k.Event(t.Context(), events.Normal, "SnapshotWritten", "snapshot 20261126T000000.000000000Z: 12 files")
-	// Labels change while running: the reader follows.
-	if r := a.do(t, a.admin, "", "PATCH", "/api/v1/namespaces/"+ns+"/pods/kube-self", `{"metadata":{"labels":{"team":"media"}}}`); r.code != 200 {
-		t.Fatalf("label pod: %d %s", r.code, r.body)
-	}
+	// Labels change while running (the kubelet rewrites the file): the reader follows.
+	writeLabels("app.kubernetes.io/name=\"upload-app\"\nteam=\"media\"\n")
 	if err := peers.WaitFor(t.Context(), 20*time.Second, func() error {
 		if k.Labels()["team"] != "media" {
 			return fmt.Errorf("labels %v", k.Labels())
@@ -306,14 +318,14 @@ func TestAPIKubeEventsAndLabels(t *testing.T) {
 			Reason, Type, Message string
 			Count                 int
 			InvolvedObject        struct{ UID, Kind string }
-			Source                struct{ Component string }
+			Source                struct{ Component, Host string }
 		}
 	}
 	json.Unmarshal(r.body, &evs)
 	counts := map[string]int{}
 	for _, e := range evs.Items {
 		counts[e.Reason] += e.Count
-		if e.InvolvedObject.UID != uid || e.InvolvedObject.Kind != "Pod" || e.Source.Component != "podkeeper-syncer" {
+		if e.InvolvedObject.UID != uid || e.InvolvedObject.Kind != "Pod" || e.Source.Component != "podkeeper-syncer" || e.Source.Host != "node-a" {
 			t.Errorf("event %+v not on the Pod (uid %s)", e, uid)
 		}
 	}
@@ -337,17 +349,17 @@ func TestAPIKubeForbidden(t *testing.T) {
 	}
 	dir := saDir(t, a, a.saToken(t, ns, "no-rbac"))
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	_, err := kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, KubeEvents: "true"}, log, kube.Options{Host: a.host, SADir: dir})
+	_, err := kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, PodUID: "u", KubeEvents: "true"}, log, kube.Options{Host: a.host, SADir: dir})
 	if err == nil || !strings.Contains(err.Error(), "forbidden") && !strings.Contains(err.Error(), "not allowed") {
 		t.Fatalf("KUBE_EVENTS=true without RBAC: want a forbidden error at start, got %v", err)
 	}
-	k, err := kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, KubeEvents: "auto"}, log, kube.Options{Host: a.host, SADir: dir})
+	k, err := kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, PodUID: "u", KubeEvents: "auto"}, log, kube.Options{Host: a.host, SADir: dir})
 	if err != nil || k.Enabled() {
 		t.Fatalf("auto without RBAC: err %v enabled %v", err, k != nil && k.Enabled())
 	}
 	k.Close(t.Context())
 	// Unreachable API (a port nobody listens on) with true: an error, not a hang.
-	_, err = kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, KubeEvents: "true"}, log,
+	_, err = kube.New(t.Context(), &config.Base{PodName: "kube-norbac", PodNamespace: ns, PodUID: "u", KubeEvents: "true"}, log,
 		kube.Options{Host: fmt.Sprintf("https://127.0.0.1:%d", peers.FreePort(t)), SADir: dir, RequestTimeout: 3 * time.Second})
 	if err == nil {
 		t.Fatal("KUBE_EVENTS=true with an unreachable API must fail at start")
