@@ -63,8 +63,8 @@ k8s-check: ## render + server-side dry-run every overlay on a real kube-apiserve
 e2e: ## full Pod life cycle on a real kubelet (see test/cluster/)
 	test/e2e/run.sh
 
-docs: ## rewrite README's configuration tables from the config structs
-	$(GO) run ./test/docs/gen README.md
+docs: ## rewrite the configuration tables in docs/*.md from the config structs
+	$(GO) run ./test/docs/gen
 
 clean:
 	rm -rf bin

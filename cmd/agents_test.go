@@ -60,10 +60,6 @@ func TestAgentBinaries(t *testing.T) {
 	if len(names) == 0 {
 		t.Skip("no agent binaries yet")
 	}
-	readme, err := os.ReadFile(docs.Readme())
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, name := range names {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
@@ -90,8 +86,12 @@ func TestAgentBinaries(t *testing.T) {
 					t.Errorf("--help lacks %s", shared)
 				}
 			}
-			// The README table (kept equal to the config struct by the docs test)
-			// and --help list the same variables.
+			// The table in docs/NAME.md (kept equal to the config struct by the docs
+			// test) and --help list the same variables.
+			readme, err := os.ReadFile(docs.File(name))
+			if err != nil {
+				t.Fatal(err)
+			}
 			section, err := docs.Section(string(readme), name)
 			if err != nil {
 				t.Fatal(err)
@@ -101,7 +101,7 @@ func TestAgentBinaries(t *testing.T) {
 				docVars = append(docVars, m[1])
 			}
 			if !slices.Equal(helpVars, docVars) {
-				t.Errorf("--help lists %v\nREADME lists %v", helpVars, docVars)
+				t.Errorf("--help lists %v\ndocs/%s.md lists %v", helpVars, name, docVars)
 			}
 
 			// One bad variable: exit 2 and a message naming it and its value.

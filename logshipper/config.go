@@ -17,7 +17,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/config"
 )
 
-// Config is the logshipper's configuration (see README "logshipper").
+// Config is the logshipper's configuration (see docs/logshipper.md).
 type Config struct {
 	Base config.Base
 

@@ -28,7 +28,7 @@ type Durability int
 
 const (
 	// SyncFS flushes the whole filesystem once at the end (syncfs(2)): one
-	// call instead of two fsyncs per file; see README "restore" for numbers.
+	// call instead of two fsyncs per file; see docs/benchmarks.md for numbers.
 	SyncFS Durability = iota
 	// FsyncEach fsyncs every file before its rename and every directory touched.
 	FsyncEach

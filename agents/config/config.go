@@ -4,7 +4,7 @@
 //
 //	env:"NAME"        the variable (caarlos0/env syntax, e.g. env:"NAME,required")
 //	envDefault:"v"    the default
-//	help:"text"       one line for --help and the README tables
+//	help:"text"       one line for --help and the tables in docs/
 //	enum:"a|b|c"      the only values allowed (checked before the agent's own Validate)
 //	defaultHelp:"t"   what --help shows as the default when it is computed, not fixed
 //

@@ -21,8 +21,8 @@ func Help(w io.Writer, name, summary string, cfg any) {
 	fmt.Fprintln(w, "\nExit codes: 0 success, 1 runtime failure, 2 configuration error.")
 }
 
-// Markdown renders the variables of cfg as the README's configuration table.
-// A test compares the README with this output.
+// Markdown renders the variables of cfg as a configuration table of docs/.
+// A test (test/docs) compares docs/NAME.md with this output.
 func Markdown(cfg any) string {
 	var b strings.Builder
 	b.WriteString("| Variable | Default | Description |\n|---|---|---|\n")

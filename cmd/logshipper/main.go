@@ -1,5 +1,5 @@
 // Command logshipper tails the app's log files and forwards every line
-// at-least-once over the Fluent forward protocol. See README "logshipper".
+// at-least-once over the Fluent forward protocol. See docs/logshipper.md.
 package main
 
 import (

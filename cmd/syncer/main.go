@@ -1,5 +1,5 @@
 // Command syncer is the native sidecar that pushes every finished file of a
-// directory to S3, writes snapshots and drains on SIGTERM. See README.md.
+// directory to S3, writes snapshots and drains on SIGTERM. See docs/syncer.md.
 package main
 
 import (

@@ -388,7 +388,7 @@ func maps(o obj) obj {
 func TestConfigMapKeysAreKnownVariables(t *testing.T) {
 	// AWS_EC2_METADATA_DISABLED is the SDK's own: TestS3CredentialsNeverFallBack.
 	known := map[string]bool{"STORE_URL": true, "AWS_EC2_METADATA_DISABLED": true}
-	for _, f := range []string{"README.md"} {
+	for _, f := range []string{"docs/configuration.md", "docs/restore.md", "docs/syncer.md", "docs/logshipper.md"} {
 		b, err := os.ReadFile(filepath.Join(root(), f))
 		if err != nil {
 			t.Fatal(err)
@@ -409,7 +409,7 @@ func TestConfigMapKeysAreKnownVariables(t *testing.T) {
 		}
 		for k := range get(o, "data").(obj) {
 			if !known[k] {
-				t.Errorf("ConfigMap key %s is no agent variable in README's tables", k)
+				t.Errorf("ConfigMap key %s is no agent variable in the tables of docs/", k)
 			}
 		}
 	}

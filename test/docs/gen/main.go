@@ -1,4 +1,5 @@
-// Command gen rewrites README.md's configuration tables from the config structs.
+// Command gen rewrites the configuration tables in docs/ (docs/NAME.md, the
+// shared one in docs/configuration.md) from the config structs.
 package main
 
 import (
@@ -12,7 +13,7 @@ import (
 	"github.com/podkeeper/podkeeper/test/docs"
 )
 
-// tables lists every table of the README. Agents add themselves here.
+// tables lists every documented configuration. Agents add themselves here.
 var tables = []docs.Table{
 	{Name: "shared", Config: &struct {
 		Base  config.Base
@@ -24,24 +25,26 @@ var tables = []docs.Table{
 }
 
 func main() {
-	path := docs.Readme()
-	if len(os.Args) > 1 {
-		path = os.Args[1]
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	s := string(b)
 	for _, t := range tables {
-		if s, err = docs.Rewrite(s, t.Name, t.Config); err != nil {
+		if err := rewrite(t); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 	}
-	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+}
+
+func rewrite(t docs.Table) error {
+	path := docs.File(t.Name)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
 	}
+	s, err := docs.Rewrite(string(b), t.Name, t.Config)
+	if err != nil {
+		return err
+	}
+	if s == string(b) {
+		return nil
+	}
+	return os.WriteFile(path, []byte(s), 0o644)
 }

@@ -8,7 +8,7 @@ import (
 
 // TestReadmeTablesInSync fails when a variable was added, renamed or
 // re-described without `make docs`.
-func TestReadmeTablesInSync(t *testing.T) {
+func TestDocsTablesInSync(t *testing.T) {
 	for _, tb := range tables {
 		if err := docs.Check(tb.Name, tb.Config); err != nil {
 			t.Error(err)
