@@ -19,6 +19,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/kube"
+	"github.com/podkeeper/podkeeper/agents/memlimit"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
@@ -119,7 +120,9 @@ func (a Agent[C]) Main(cfg C, args []string, environ []string, stdout, stderr io
 	slog.SetDefault(log)
 	ctx, stop := SignalContext(context.Background(), log)
 	defer stop()
-	log.Info("starting", "version", Version)
+	// A soft limit below the container's hard one: the GC works harder near
+	// it instead of garbage taking the container over its limit.
+	log.Info("starting", "version", Version, "gomemlimit", memlimit.Apply())
 	err := a.run(ctx, cfg, log)
 	return ExitCode(log, err)
 }

@@ -179,7 +179,8 @@ func ValidPath(p string) error {
 	return nil
 }
 
-// Validate checks every rule of the format.
+// Validate checks every rule of the format. It sorts an index of the paths
+// instead of building a set: for a million files that is 4 MB, not ~60.
 func (m *Manifest) Validate() error {
 	if m.Format != Format {
 		return fmt.Errorf("unknown snapshot format %q (this version reads %q)", m.Format, Format)
@@ -190,32 +191,52 @@ func (m *Manifest) Validate() error {
 	if m.Created.IsZero() {
 		return errors.New("snapshot has no creation time")
 	}
-	seen := make(map[string]struct{}, len(m.Files))
-	for i, f := range m.Files {
-		if err := ValidPath(f.Path); err != nil {
-			return fmt.Errorf("file %d %q: %w", i, f.Path, err)
-		}
-		if _, dup := seen[f.Path]; dup {
-			return fmt.Errorf("file %d %q: listed twice", i, f.Path)
-		}
-		seen[f.Path] = struct{}{}
-		if f.Size < 0 || f.Size > MaxFileSize {
-			return fmt.Errorf("file %q: size %d outside 0..%d", f.Path, f.Size, int64(MaxFileSize))
-		}
-		if !shaRe.MatchString(f.SHA256) {
-			return fmt.Errorf("file %q: sha256 must be 64 lowercase hex digits", f.Path)
-		}
-		if f.MTime.IsZero() {
-			return fmt.Errorf("file %q: no mtime", f.Path)
-		}
-		if f.Mode&^0o777 != 0 {
-			return fmt.Errorf("file %q: mode %s has bits beyond permissions", f.Path, f.Mode)
+	for i := range m.Files {
+		if err := m.Files[i].validate(); err != nil {
+			return fmt.Errorf("file %d %q: %w", i, m.Files[i].Path, err)
 		}
 	}
-	// A path that is both a file and a directory of another file cannot be restored.
+	return m.checkPaths()
+}
+
+func (f *File) validate() error {
+	if err := ValidPath(f.Path); err != nil {
+		return err
+	}
+	switch {
+	case f.Size < 0 || f.Size > MaxFileSize:
+		return fmt.Errorf("size %d outside 0..%d", f.Size, int64(MaxFileSize))
+	case !shaRe.MatchString(f.SHA256):
+		return errors.New("sha256 must be 64 lowercase hex digits")
+	case f.MTime.IsZero():
+		return errors.New("no mtime")
+	case f.Mode&^0o777 != 0:
+		return fmt.Errorf("mode %s has bits beyond permissions", f.Mode)
+	}
+	return nil
+}
+
+// checkPaths refuses a path listed twice, and a path that is both a file and
+// the parent directory of another file (it cannot be restored).
+func (m *Manifest) checkPaths() error {
+	idx := make([]int32, len(m.Files))
+	for i := range idx {
+		idx[i] = int32(i)
+	}
+	path := func(i int32) string { return m.Files[i].Path }
+	slices.SortFunc(idx, func(a, b int32) int { return strings.Compare(path(a), path(b)) })
+	for k := 1; k < len(idx); k++ {
+		if path(idx[k]) == path(idx[k-1]) {
+			return fmt.Errorf("file %d %q: listed twice", idx[k], path(idx[k]))
+		}
+	}
+	isFile := func(p string) bool {
+		_, found := slices.BinarySearchFunc(idx, p, func(i int32, p string) int { return strings.Compare(path(i), p) })
+		return found
+	}
 	for _, f := range m.Files {
 		for i := strings.LastIndexByte(f.Path, '/'); i > 0; i = strings.LastIndexByte(f.Path[:i], '/') {
-			if _, clash := seen[f.Path[:i]]; clash {
+			if isFile(f.Path[:i]) {
 				return fmt.Errorf("file %q: %q is listed as a file and as its parent directory", f.Path, f.Path[:i])
 			}
 		}
@@ -224,27 +245,21 @@ func (m *Manifest) Validate() error {
 }
 
 // Decode reads a manifest (plain JSON or gzip, detected by magic bytes) and
-// validates it. Unknown fields, trailing data and oversize input are refused.
+// validates it. Unknown fields, repeated fields, trailing data, oversize input
+// and more than MaxEntries files are refused. It streams: one file entry is
+// decoded at a time, so memory is what the entries need, never the document
+// (json.Decoder.Decode of the whole value buffers all of it first).
 func Decode(r io.Reader) (*Manifest, error) {
-	br := &peekReader{r: r}
-	magic, err := br.peek(2)
+	src, closeSrc, err := decompress(r)
 	if err != nil {
-		return nil, fmt.Errorf("snapshot: %w", err)
+		return nil, err
 	}
-	var src io.Reader = br
-	if bytes.Equal(magic, []byte{0x1f, 0x8b}) {
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			return nil, fmt.Errorf("snapshot: gzip: %w", err)
-		}
-		defer zr.Close()
-		src = zr
-	}
+	defer closeSrc()
 	lr := &io.LimitedReader{R: src, N: MaxManifestBytes + 1}
 	dec := json.NewDecoder(lr)
 	dec.DisallowUnknownFields()
-	var m Manifest
-	if err := dec.Decode(&m); err != nil {
+	m, err := decodeObject(dec)
+	if err != nil {
 		if lr.N <= 0 {
 			return nil, fmt.Errorf("snapshot: manifest larger than %d bytes", MaxManifestBytes)
 		}
@@ -259,7 +274,98 @@ func Decode(r io.Reader) (*Manifest, error) {
 	if err := m.Validate(); err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", m.ID, err)
 	}
-	return &m, nil
+	return m, nil
+}
+
+func decompress(r io.Reader) (io.Reader, func(), error) {
+	br := &peekReader{r: r}
+	magic, err := br.peek(2)
+	if err != nil {
+		return nil, nil, fmt.Errorf("snapshot: %w", err)
+	}
+	if !bytes.Equal(magic, []byte{0x1f, 0x8b}) {
+		return br, func() {}, nil
+	}
+	zr, err := gzip.NewReader(br)
+	if err != nil {
+		return nil, nil, fmt.Errorf("snapshot: gzip: %w", err)
+	}
+	return zr, func() { zr.Close() }, nil
+}
+
+// decodeObject walks the top-level object key by key; "files" is read entry
+// by entry.
+func decodeObject(dec *json.Decoder) (*Manifest, error) {
+	if err := expectDelim(dec, '{'); err != nil {
+		return nil, err
+	}
+	m := &Manifest{}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		key, _ := tok.(string)
+		if seen[key] {
+			return nil, fmt.Errorf("field %q repeated", key)
+		}
+		seen[key] = true
+		switch key {
+		case "format":
+			err = dec.Decode(&m.Format)
+		case "id":
+			err = dec.Decode(&m.ID)
+		case "created":
+			err = dec.Decode(&m.Created)
+		case "writer":
+			err = dec.Decode(&m.Writer)
+		case "files":
+			m.Files, err = decodeFiles(dec)
+		default:
+			err = fmt.Errorf("unknown field %q", key)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return m, expectDelim(dec, '}')
+}
+
+func decodeFiles(dec *json.Decoder) ([]File, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
+	}
+	if tok == nil {
+		return nil, nil // "files": null is reported as missing
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '[' {
+		return nil, fmt.Errorf(`"files" must be an array`)
+	}
+	files := []File{}
+	limit := MaxEntries()
+	for dec.More() {
+		if len(files) >= limit {
+			return nil, fmt.Errorf("more than %d files: over this agent's memory budget (%s)", limit, budgetSource())
+		}
+		files = append(files, File{})
+		if err := dec.Decode(&files[len(files)-1]); err != nil {
+			return nil, fmt.Errorf("file %d: %w", len(files)-1, err)
+		}
+	}
+	return files, expectDelim(dec, ']')
+}
+
+func expectDelim(dec *json.Decoder, want json.Delim) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != want {
+		return fmt.Errorf("expected %q, found %v", want, tok)
+	}
+	return nil
 }
 
 // Encode validates m and writes it as JSON, gzip-compressed when gz is set.
