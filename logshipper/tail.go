@@ -383,9 +383,9 @@ func (t *tailer) refresh(ctx context.Context, tf *tailFile) bool {
 // counted and reported.
 func (t *tailer) truncated(ctx context.Context, tf *tailFile) bool {
 	t.m.rotations.Inc()
-	if cp := t.findCopy(tf); cp != nil {
-		t.log.Debug("copytruncate: finishing from the copy", "path", tf.path, "copy", cp.Name(), "offset", tf.off)
-		tf.copy = cp
+	if c := t.findCopy(tf); c != nil {
+		t.log.Debug("copytruncate: finishing from the copy", "path", tf.path, "copy", c.Name(), "offset", tf.off)
+		tf.copy = c
 		return true
 	}
 	if lost := tf.size - tf.off; lost > 0 {
