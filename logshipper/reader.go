@@ -73,7 +73,7 @@ func (r *reader) run(ctx context.Context, stop <-chan struct{}) error {
 // readAll reads every file, at most perFilePass of each so one busy file does
 // not starve the others, shipping chunk by chunk.
 func (r *reader) readAll(ctx context.Context) (progressed bool, err error) {
-	for _, tf := range r.tail.files {
+	for _, tf := range r.tail.list() {
 		for total := 0; total < perFilePass; {
 			n := r.tail.read(ctx, tf)
 			if err := r.ship(ctx, r.tail.take()); err != nil {
@@ -113,7 +113,7 @@ func (r *reader) idle(ctx context.Context, stop <-chan struct{}, tick <-chan tim
 	}
 	select {
 	case <-stop:
-	case <-r.tail.wake:
+	case <-r.tail.changed():
 	case <-tick:
 	case <-deadline:
 	case <-ctx.Done():

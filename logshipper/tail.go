@@ -129,6 +129,19 @@ func (t *tailer) watch() {
 
 func (t *tailer) close() { t.watcher.Close() }
 
+// changed is signalled when something moved in a watched directory.
+func (t *tailer) changed() <-chan struct{} { return t.wake }
+
+// list returns the open files. A snapshot: a scan while the reader waits for
+// room may open more.
+func (t *tailer) list() []*tailFile {
+	out := make([]*tailFile, 0, len(t.files))
+	for _, tf := range t.files {
+		out = append(out, tf)
+	}
+	return out
+}
+
 // begin starts a pass and returns its time.
 func (t *tailer) begin() time.Time {
 	t.now = time.Now()
