@@ -18,7 +18,7 @@ var spillPolicy = backoff.Policy{Initial: 100 * time.Millisecond, Max: 5 * time.
 
 // reader is the loop that moves lines from the files into the spool: tailer
 // -> batcher -> spool, each batch's checkpoint projected on the way. It runs
-// on one goroutine and meets the sender only in the spool.
+// on one goroutine; the sender meets it only in the spool and the checkpoint.
 type reader struct {
 	log    *slog.Logger
 	health *health.Server

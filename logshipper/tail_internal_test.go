@@ -200,7 +200,7 @@ func mustStat(t *testing.T, p string) os.FileInfo {
 	return fi
 }
 
-// Pod labels from Options.Labels are on every record.
+// Pod labels from lifecycle.Deps.Labels are on every record.
 func TestLabelsOnRecords(t *testing.T) {
 	dir := t.TempDir()
 	appendLines(t, filepath.Join(dir, "app.log"), 0, 3)
