@@ -51,26 +51,7 @@ func (c *Config) BaseConfig() *config.Base { return &c.Base }
 
 func (c *Config) Validate(env config.Env, errs *config.Error) {
 	if !errs.Has("LOGSHIP_PATHS") {
-		var clean []string
-		for _, p := range c.Paths {
-			p = strings.TrimSpace(p)
-			if p == "" {
-				continue
-			}
-			if !filepath.IsAbs(p) {
-				errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "glob %q must be an absolute path", p)
-				continue
-			}
-			if _, err := filepath.Match(p, ""); err != nil {
-				errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "glob %q is malformed: %v", p, err)
-				continue
-			}
-			clean = append(clean, filepath.Clean(p))
-		}
-		if len(clean) == 0 && !errs.Has("LOGSHIP_PATHS") {
-			errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "needs at least one absolute glob, e.g. /var/log/app/*.log")
-		}
-		c.Paths = clean
+		c.validatePaths(env, errs)
 	}
 	if c.Output != "stdout" && !errs.Has("FLUENT_ADDR") {
 		if err := checkAddr(c.FluentAddr); err != nil {
@@ -81,18 +62,7 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		errs.Add("FLUENT_TAG", "", "must not be empty")
 	}
 	if c.FluentCAFile != "" {
-		pem, err := os.ReadFile(c.FluentCAFile)
-		pool := x509.NewCertPool()
-		switch {
-		case err != nil:
-			errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "cannot be read: %v", err)
-		case !pool.AppendCertsFromPEM(pem):
-			errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "holds no PEM certificate")
-		case !c.FluentTLS:
-			errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "is only used with FLUENT_TLS=true")
-		default:
-			c.caPool = pool
-		}
+		c.validateCA(errs)
 	}
 	if !errs.Has("FLUENT_TIMEOUT") && c.FluentTimeout <= 0 {
 		errs.Add("FLUENT_TIMEOUT", env.Get("FLUENT_TIMEOUT"), "must be positive, e.g. 10s")
@@ -131,6 +101,46 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
 			errs.Add("LOGSHIP_HTTP_ADDR", c.HTTPAddr, "must be HOST:PORT, :PORT or off")
 		}
+	}
+}
+
+// validatePaths keeps the clean absolute globs of LOGSHIP_PATHS.
+func (c *Config) validatePaths(env config.Env, errs *config.Error) {
+	var clean []string
+	for _, p := range c.Paths {
+		p = strings.TrimSpace(p)
+		if p == "" {
+			continue
+		}
+		if !filepath.IsAbs(p) {
+			errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "glob %q must be an absolute path", p)
+			continue
+		}
+		if _, err := filepath.Match(p, ""); err != nil {
+			errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "glob %q is malformed: %v", p, err)
+			continue
+		}
+		clean = append(clean, filepath.Clean(p))
+	}
+	if len(clean) == 0 && !errs.Has("LOGSHIP_PATHS") {
+		errs.Add("LOGSHIP_PATHS", env.Get("LOGSHIP_PATHS"), "needs at least one absolute glob, e.g. /var/log/app/*.log")
+	}
+	c.Paths = clean
+}
+
+// validateCA loads FLUENT_CA_FILE into the pool the forwarder trusts.
+func (c *Config) validateCA(errs *config.Error) {
+	pem, err := os.ReadFile(c.FluentCAFile)
+	pool := x509.NewCertPool()
+	switch {
+	case err != nil:
+		errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "cannot be read: %v", err)
+	case !pool.AppendCertsFromPEM(pem):
+		errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "holds no PEM certificate")
+	case !c.FluentTLS:
+		errs.Add("FLUENT_CA_FILE", c.FluentCAFile, "is only used with FLUENT_TLS=true")
+	default:
+		c.caPool = pool
 	}
 }
 

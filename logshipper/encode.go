@@ -69,6 +69,12 @@ func (e *encoder) add(r *record) {
 		e.buf = b
 		return
 	}
+	e.buf = e.appendFields(b, r)
+}
+
+// appendFields appends the record of a line that is not a JSON object: the
+// map is written directly, without building one, as this is the hot path.
+func (e *encoder) appendFields(b []byte, r *record) []byte {
 	n := uint32(2)
 	if e.pod != "" {
 		n++
@@ -113,7 +119,7 @@ func (e *encoder) add(r *record) {
 		b = msgp.AppendString(b, "partial_last")
 		b = msgp.AppendBool(b, p.last)
 	}
-	e.buf = b
+	return b
 }
 
 // fill sets the shipper's own fields on a record; they win over the line's

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"time"
 
@@ -14,8 +15,8 @@ import (
 	"github.com/tinylib/msgp/msgp"
 )
 
-// sender delivers one batch; an error means the batch must be sent again.
-type sender interface {
+// transport delivers one batch; an error means the batch must be sent again.
+type transport interface {
 	send(ctx context.Context, chunk string, frame []byte) error
 	close()
 }
@@ -50,6 +51,13 @@ type forwarder struct {
 
 	conn net.Conn
 	rd   *msgp.Reader
+}
+
+func newTransport(c *Config) transport {
+	if c.Output == "stdout" {
+		return stdoutTransport{w: os.Stdout}
+	}
+	return newForwarder(c)
 }
 
 func newForwarder(c *Config) *forwarder {
@@ -127,13 +135,13 @@ func (f *forwarder) send(ctx context.Context, chunk string, frame []byte) error 
 	return nil
 }
 
-// stdoutSender writes JSON lines (LOGSHIP_OUTPUT=stdout).
-type stdoutSender struct{ w io.Writer }
+// stdoutTransport writes JSON lines (LOGSHIP_OUTPUT=stdout).
+type stdoutTransport struct{ w io.Writer }
 
-func (s stdoutSender) send(_ context.Context, _ string, frame []byte) error {
+func (s stdoutTransport) send(_ context.Context, _ string, frame []byte) error {
 	if _, err := s.w.Write(frame); err != nil {
 		return &deliveryError{"stdout", err}
 	}
 	return nil
 }
-func (stdoutSender) close() {}
+func (stdoutTransport) close() {}

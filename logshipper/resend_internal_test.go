@@ -15,6 +15,8 @@ import (
 	"github.com/tinylib/msgp/msgp"
 
 	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -129,7 +131,8 @@ func TestResendSameChunkOverUnixSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec := &recorder{}
-	s := New(&cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rec, Options{})
+	s := New(&cfg, lifecycle.Deps{Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Events: rec,
+		Health: health.New("logshipper"), DrainTimeout: cfg.DrainTimeout()})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()

@@ -4,21 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/podkeeper/podkeeper/agents/backoff"
-	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 )
-
-// retryPolicy is shorter than backoff.Default's 30 s cap: a receiver coming back
-// after a restart should see our logs within seconds, and a resend costs it little.
-var retryPolicy = backoff.Policy{Initial: 200 * time.Millisecond, Max: 10 * time.Second}
 
 type metrics struct {
 	records, bytes *prometheus.CounterVec // stage = read|sent|acked (+ dropped for bytes)
@@ -53,163 +45,101 @@ func newMetrics(h *health.Server) *metrics {
 	return m
 }
 
-// Options are the seams the Kubernetes work and tests plug into.
-type Options struct {
-	// Labels returns the Pod's labels, added to every record (nil = none). It is
-	// called once per batch, so it should be a cached read.
-	Labels func() map[string]string
-	// Stdout receives records with LOGSHIP_OUTPUT=stdout (default os.Stdout).
-	Stdout io.Writer
-	// Health is the probe/metrics server (default: a new one on LOGSHIP_HTTP_ADDR).
-	Health *health.Server
-}
-
 // Shipper tails the configured files and forwards their lines.
 type Shipper struct {
-	cfg    *Config
-	log    *slog.Logger
-	ev     events.Recorder
-	opts   Options
-	health *health.Server
-	m      *metrics
+	cfg  *Config
+	deps lifecycle.Deps
+	m    *metrics
 }
 
-// New builds a shipper; Run starts it.
-func New(cfg *Config, log *slog.Logger, ev events.Recorder, opts Options) *Shipper {
-	if ev == nil {
-		ev = events.Log{L: log}
-	}
-	if opts.Stdout == nil {
-		opts.Stdout = os.Stdout
-	}
-	h := opts.Health
-	if h == nil {
-		h = health.New("logshipper")
-	}
-	return &Shipper{cfg: cfg, log: log, ev: ev, opts: opts, health: h, m: newMetrics(h)}
+// New builds a shipper from deps (Log, Events and Health are required; Labels
+// may be nil); Run starts it. The health server is started by whoever built
+// deps.
+func New(cfg *Config, deps lifecycle.Deps) *Shipper {
+	return &Shipper{cfg: cfg, deps: deps, m: newMetrics(deps.Health)}
 }
 
-// Health returns the probe/metrics server (its Addr once Run started it).
-func (s *Shipper) Health() *health.Server { return s.health }
-
-// Run ships until ctx ends, then drains within LOGSHIP_SHUTDOWN_TIMEOUT: every
-// file read to its end, every batch acked and checkpointed. It returns nil when
-// all of that finished in time.
+// Run ships until ctx ends, then drains within deps.Drain: every file read to
+// its end, every batch acked and checkpointed. It returns nil when all of that
+// finished in time.
 func (s *Shipper) Run(ctx context.Context) error {
-	cfg := s.cfg
-	st, resume, err := openState(cfg.StateDir, cfg.BufferMaxBytes)
-	if err != nil {
-		return fmt.Errorf("state dir %s: %w", cfg.StateDir, err)
-	}
-	if n, recs, _ := st.pending(); n > 0 {
-		s.log.Info("resending batches spooled before the restart", "batches", n, "records", recs)
-	}
-	if s.opts.Health == nil {
-		if err := s.health.Start(cfg.HTTPAddr, s.log); err != nil {
-			return err
-		}
-		defer s.health.Close()
-	}
-	s.health.SetReady(errors.New("looking for log files"))
-	enc := &encoder{pod: cfg.Base.PodName, namespace: cfg.Base.PodNamespace, labels: s.opts.Labels,
-		parseJSON: cfg.Parse == "json", jsonOut: cfg.Output == "stdout"}
-	t, err := newTailer(cfg, s.log, s.m, s.ev, st, enc, resume)
+	s.deps.Health.SetReady(errors.New("looking for log files"))
+	rd, snd, err := s.open()
 	if err != nil {
 		return err
 	}
-	t.ready = func() { s.health.SetReady(nil) }
-	t.beat = s.health.Beat
+	defer snd.out.close()
 	// The read loop beats at least every second, also while backpressure
 	// holds it; a minute without one is a hung read, which a restart resolves.
-	s.health.SetLiveness(time.Minute)
+	s.deps.Health.SetLiveness(time.Minute)
 
-	// work ends only when the shutdown deadline passes; ctx ending starts the drain.
-	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	work, cancelWork := s.workContext(ctx)
 	defer cancelWork()
-	go func() {
-		select {
-		case <-ctx.Done():
-			s.log.Info("draining: reading every file to its end and delivering it", "timeout", cfg.ShutdownTimeout)
-			timer := time.NewTimer(cfg.ShutdownTimeout)
-			defer timer.Stop()
-			select {
-			case <-timer.C:
-				cancelWork()
-			case <-work.Done():
-			}
-		case <-work.Done():
-		}
-	}()
-
 	readErr := make(chan error, 1)
-	go func() { readErr <- t.run(work, ctx.Done()) }()
-
-	var snd sender
-	if cfg.Output == "stdout" {
-		snd = stdoutSender{w: s.opts.Stdout}
-	} else {
-		snd = newForwarder(cfg)
-	}
-	defer snd.close()
-	sendErr := s.sendLoop(work, st, snd)
-	rerr := <-readErr
-	if sendErr == nil && rerr != nil && !errors.Is(rerr, context.Canceled) {
-		sendErr = rerr
-	}
+	go func() { readErr <- rd.run(work, ctx.Done()) }()
+	sendErr := snd.run(work)
+	timedOut := work.Err() != nil
 	if sendErr != nil {
-		n, recs, _ := st.pending()
-		if work.Err() != nil {
-			return fmt.Errorf("shutdown timeout %s passed with %d records in %d batches not acked; they are sent at the next start from %s and the log files: %w",
-				cfg.ShutdownTimeout, recs, n, cfg.StateDir, sendErr)
-		}
-		return sendErr
+		cancelWork() // the reader may be waiting for room that no ack will make
 	}
-	return nil
+	if rerr := <-readErr; sendErr == nil && rerr != nil && !errors.Is(rerr, context.Canceled) {
+		sendErr, timedOut = rerr, work.Err() != nil
+	}
+	if sendErr != nil && timedOut {
+		n, recs := rd.sp.pending()
+		return fmt.Errorf("shutdown timeout %s passed with %d records in %d batches not acked; they are sent at the next start from %s and the log files: %w",
+			s.deps.DrainTimeout, recs, n, s.cfg.StateDir, sendErr)
+	}
+	return sendErr
 }
 
-func (s *Shipper) sendLoop(ctx context.Context, st *state, snd sender) error {
-	failing := false
-	for {
-		b, frame, err := st.next(ctx)
-		if errors.Is(err, io.EOF) {
-			return nil
+// workContext returns the context of the stages: it outlives ctx by the drain
+// (reading every file to its end and delivering it) and ends with deps.Drain.
+func (s *Shipper) workContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	work, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		s.deps.Log.Info("draining: reading every file to its end and delivering it", "timeout", s.deps.DrainTimeout)
+		drain, cancelDrain := s.deps.Drain(ctx)
+		defer cancelDrain()
+		select {
+		case <-drain.Done():
+			cancel()
+		case <-work.Done():
 		}
-		if err != nil {
-			return err
-		}
-		var start time.Time
-		err = backoff.Retry(ctx, retryPolicy, retryable, func(attempt int, err error, wait time.Duration) {
-			s.m.batches.WithLabelValues("failed").Inc()
-			if !failing || attempt%10 == 0 {
-				s.log.Warn("batch not delivered; resending", "chunk", b.Chunk, "records", b.Records, "attempt", attempt+1, "retry_in", wait.Round(time.Millisecond), "err", err)
-			}
-			if !failing {
-				failing = true
-				st.setFailing(true)
-				s.ev.Event(ctx, events.Warning, "LogsDelayed", fmt.Sprintf("log receiver %s not reachable: %v; lines are buffered in %s", s.cfg.FluentAddr, err, s.cfg.StateDir))
-			}
-		}, func(ctx context.Context) error {
-			start = time.Now()
-			s.m.records.WithLabelValues("sent").Add(float64(b.Records))
-			s.m.bytes.WithLabelValues("sent").Add(float64(len(frame)))
-			return snd.send(ctx, b.Chunk, frame)
-		})
-		if err != nil {
-			return err
-		}
-		s.m.ackLatency.Observe(time.Since(start).Seconds())
-		if failing {
-			failing = false
-			st.setFailing(false)
-			s.log.Info("receiver accepts batches again", "addr", s.cfg.FluentAddr)
-		}
-		if err := st.commit(ctx, b); err != nil {
-			return err
-		}
-		s.m.batches.WithLabelValues("acked").Inc()
-		s.m.records.WithLabelValues("acked").Add(float64(b.Records))
-		s.m.bytes.WithLabelValues("acked").Add(float64(b.LineBytes))
-		_, _, buffered := st.pending()
-		s.m.buffer.Set(float64(buffered))
+	})
+	return work, func() { stop(); cancel() }
+}
+
+// open loads the checkpoint and the spool and wires the stages: the reader
+// (tailer -> batcher -> spool) and the sender (spool -> receiver -> checkpoint).
+func (s *Shipper) open() (*reader, *sender, error) {
+	cfg, log := s.cfg, s.deps.Log
+	cp, acked, err := openCheckpoint(cfg.StateDir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("state dir %s: %w", cfg.StateDir, err)
 	}
+	sp, spooled, err := openSpool(cfg.StateDir, cfg.BufferMaxBytes, acked, s.m.buffer)
+	if err != nil {
+		return nil, nil, fmt.Errorf("state dir %s: %w", cfg.StateDir, err)
+	}
+	records := 0
+	for _, b := range spooled {
+		cp.project(b)
+		records += b.Records
+	}
+	if len(spooled) > 0 {
+		log.Info("resending batches spooled before the restart", "batches", len(spooled), "records", records)
+	}
+	// Reading goes on after what is spooled: the checkpoint with the spooled
+	// batches applied.
+	tail, err := newTailer(cfg, log, s.m, s.deps.Events, cp.positions())
+	if err != nil {
+		return nil, nil, err
+	}
+	enc := &encoder{pod: cfg.Base.PodName, namespace: cfg.Base.PodNamespace, labels: s.deps.Labels,
+		parseJSON: cfg.Parse == "json", jsonOut: cfg.Output == "stdout"}
+	rd := &reader{log: log, health: s.deps.Health, tail: tail, cp: cp, sp: sp, maxBuf: cfg.BufferMaxBytes,
+		bat: newBatcher(cfg, s.m, enc, acked+1+uint64(len(spooled)))}
+	snd := &sender{cfg: cfg, log: log, ev: s.deps.Events, m: s.m, out: newTransport(cfg), sp: sp, cp: cp}
+	return rd, snd, nil
 }

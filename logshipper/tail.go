@@ -17,7 +17,6 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
-	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/events"
 )
 
@@ -29,10 +28,7 @@ const (
 	rescanEvery   = 2 * time.Second        // glob rescan, the safety net for missed create events
 	rotateWait    = 5 * time.Second        // a rotated file is kept this long after its last growth: writers reopen late (Fluent Bit's rotate_wait)
 	multilineIdle = time.Second            // a multi-line group with no new line for this long is complete
-	waitRescan    = time.Second            // rescan period while reading is paused by backpressure
 )
-
-var timeAfter = time.After
 
 // tailFile is one open log file.
 type tailFile struct {
@@ -46,6 +42,7 @@ type tailFile struct {
 	size     int64
 	orphan   time.Time // when no glob path led to it any more (rotated or deleted)
 	lastGrow time.Time
+	copy     *os.File // after a copytruncate: the copy, read on from off before the file starts over
 
 	group    []byte // pending multi-line record
 	groupEnd int64
@@ -55,44 +52,47 @@ type tailFile struct {
 	partN  int
 }
 
+// entry is what the tailer read: a record and where its file stands once the
+// record is delivered, or (forget) a file closed for good, to drop from the
+// checkpoint.
+type entry struct {
+	rec    record
+	pos    position
+	forget bool
+}
+
+// tailer turns files into entries: it finds the files, follows rotations and
+// truncations, and splits what it reads into records. What it reads waits in
+// out until take.
 type tailer struct {
 	cfg *Config
 	log *slog.Logger
 	m   *metrics
 	ev  events.Recorder
-	st  *state
-	enc *encoder
 
-	resume  map[fileID]position
-	files   map[fileID]*tailFile
-	watcher *fsnotify.Watcher
-	watched map[string]bool
-	wake    chan struct{}
-	rescan  chan struct{}
-	scanned bool
-	ready   func()
-	beat    func() // liveness: the loop is not stuck (e.g. in a hung read)
+	resume   map[fileID]position
+	files    map[fileID]*tailFile
+	watcher  *fsnotify.Watcher
+	watched  map[string]bool
+	wake     chan struct{} // something changed in a watched directory
+	rescan   chan struct{} // ... and it may be a new or renamed file
+	scanned  bool
+	now      time.Time // of the current pass: record times, rotation and idle clocks
+	lastScan time.Time
+	readBuf  []byte
 
-	ctx        context.Context // ends only when the shutdown deadline passes
-	batchStart time.Time
-	positions  map[fileID]position
-	forget     []fileID
-	readBuf    []byte
-	now        time.Time
-
-	pauseLogged time.Time
-	lastScan    time.Time
+	out   []entry
+	arena []byte // the lines of out: what was read is overwritten by the next read
 }
 
-func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, st *state, enc *encoder, resume map[fileID]position) (*tailer, error) {
+func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, resume map[fileID]position) (*tailer, error) {
 	w, err := fsnotify.NewWatcher()
 	if err != nil {
 		return nil, fmt.Errorf("fsnotify: %w", err)
 	}
-	t := &tailer{cfg: cfg, log: log, m: m, ev: ev, st: st, enc: enc, resume: resume,
+	t := &tailer{cfg: cfg, log: log, m: m, ev: ev, resume: resume,
 		files: map[fileID]*tailFile{}, watcher: w, watched: map[string]bool{},
-		wake: make(chan struct{}, 1), rescan: make(chan struct{}, 1),
-		positions: map[fileID]position{}, readBuf: make([]byte, readChunk), beat: func() {}}
+		wake: make(chan struct{}, 1), rescan: make(chan struct{}, 1), readBuf: make([]byte, readChunk)}
 	go t.watch()
 	return t, nil
 }
@@ -122,92 +122,51 @@ func (t *tailer) watch() {
 			// An overflow only means lost wake-ups; the poll and rescan cover them.
 			t.log.Debug("fsnotify", "err", err)
 			signal(t.rescan)
+			signal(t.wake)
 		}
 	}
 }
 
-// run tails until stop is closed, then reads every file to its end, emits what
-// is pending, and tells the state that no more batches will come.
-func (t *tailer) run(ctx context.Context, stop <-chan struct{}) error {
-	t.ctx = ctx
-	defer t.watcher.Close()
-	defer t.st.finishReading()
-	tick := time.NewTicker(pollEvery)
-	defer tick.Stop()
-	lastScan := time.Time{}
-	for {
-		select {
-		case <-stop:
-			return t.drain()
-		default:
-		}
-		t.beat()
-		t.now = time.Now()
-		select {
-		case <-t.rescan:
-			t.scan()
-			lastScan = t.now
-		default:
-			if t.now.Sub(lastScan) >= rescanEvery {
-				t.scan()
-				lastScan = t.now
-			}
-		}
-		progressed := false
-		for _, tf := range t.files {
-			n, err := t.readFile(tf)
-			if err != nil {
-				return err
-			}
-			progressed = progressed || n > 0
-		}
-		if err := t.housekeeping(false); err != nil {
-			return err
-		}
-		if progressed {
-			continue
-		}
-		var deadline <-chan time.Time
-		var timer *time.Timer
-		if !t.batchStart.IsZero() {
-			timer = time.NewTimer(max(time.Until(t.batchStart.Add(t.cfg.BatchWait)), 0))
-			deadline = timer.C
-		}
-		select {
-		case <-stop:
-		case <-t.wake:
-		case <-tick.C:
-		case <-deadline:
-		case <-t.rescan:
-			signal(t.rescan)
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if timer != nil {
-			timer.Stop()
-		}
+func (t *tailer) close() { t.watcher.Close() }
+
+// changed is signalled when something moved in a watched directory.
+func (t *tailer) changed() <-chan struct{} { return t.wake }
+
+// list returns the open files. A snapshot: a scan while the reader waits for
+// room may open more.
+func (t *tailer) list() []*tailFile {
+	out := make([]*tailFile, 0, len(t.files))
+	for _, tf := range t.files {
+		out = append(out, tf)
 	}
+	return out
 }
 
-// housekeeping emits idle multi-line groups, lets go of rotated files that are
-// done, and seals the batch when its wait is over.
-func (t *tailer) housekeeping(final bool) error {
+// begin starts a pass and returns its time.
+func (t *tailer) begin() time.Time {
+	t.now = time.Now()
+	return t.now
+}
+
+// take returns what was read since the last take. The entries and their lines
+// are valid until the tailer reads again.
+func (t *tailer) take() []entry {
+	out := t.out
+	t.out, t.arena = t.out[:0], t.arena[:0]
+	return out
+}
+
+// housekeeping emits idle multi-line groups (all of them when final) and lets
+// go of rotated files that are done.
+func (t *tailer) housekeeping(final bool) {
 	for _, tf := range t.files {
 		if tf.group != nil && (final || t.now.Sub(tf.groupAt) >= multilineIdle) {
-			if err := t.flushGroup(tf); err != nil {
-				return err
-			}
+			t.flushGroup(tf)
 		}
-		if !tf.orphan.IsZero() && tf.off >= tf.size && t.now.Sub(later(tf.orphan, tf.lastGrow)) >= rotateWait {
-			if err := t.release(tf); err != nil {
-				return err
-			}
+		if tf.copy == nil && !tf.orphan.IsZero() && tf.off >= tf.size && t.now.Sub(later(tf.orphan, tf.lastGrow)) >= rotateWait {
+			t.release(tf)
 		}
 	}
-	if !t.batchStart.IsZero() && (final || t.now.Sub(t.batchStart) >= t.cfg.BatchWait) {
-		return t.seal()
-	}
-	return nil
 }
 
 func later(a, b time.Time) time.Time {
@@ -218,78 +177,71 @@ func later(a, b time.Time) time.Time {
 }
 
 // release emits what is left of a file that is gone and closes it.
-func (t *tailer) release(tf *tailFile) error {
-	if err := t.flushRest(tf); err != nil {
-		return err
-	}
+func (t *tailer) release(tf *tailFile) {
+	t.flushRest(tf)
 	tf.f.Close()
 	delete(t.files, tf.id)
-	t.forget = append(t.forget, tf.id)
-	t.m.files.Set(float64(len(t.files)))
+	t.out = append(t.out, entry{pos: position{Dev: tf.id.Dev, Ino: tf.id.Ino}, forget: true})
+	t.countFiles()
 	t.log.Debug("released rotated file", "path", tf.path, "offset", tf.off)
-	return nil
 }
 
 // flushRest emits a pending multi-line group and an unterminated last line.
-func (t *tailer) flushRest(tf *tailFile) error {
-	if err := t.flushGroup(tf); err != nil {
-		return err
-	}
+func (t *tailer) flushRest(tf *tailFile) {
+	t.flushGroup(tf)
 	if len(tf.buf) > 0 || tf.partN > 0 {
-		line := bytes.TrimSuffix(tf.buf, []byte{'\r'})
-		if err := t.line(tf, line, tf.off); err != nil {
-			return err
-		}
+		t.line(tf, bytes.TrimSuffix(tf.buf, []byte{'\r'}), tf.off)
 		tf.buf = tf.buf[:0]
 	}
-	return nil
 }
 
-// drain is the shutdown: the app has exited, so every file is read to its end
-// and everything pending becomes a record.
-func (t *tailer) drain() error {
-	t.now = time.Now()
-	t.scan()
-	for {
-		total := 0
-		for _, tf := range t.files {
-			n, err := t.readFile(tf)
-			if err != nil {
-				return err
-			}
-			total += n
-		}
-		if total == 0 {
-			break
-		}
-	}
+// flushAll is for the shutdown: the app has exited, so what is pending in
+// every file becomes a record.
+func (t *tailer) flushAll() {
 	for _, tf := range t.files {
-		if err := t.flushRest(tf); err != nil {
-			return err
-		}
+		t.flushRest(tf)
 	}
-	return t.housekeeping(true)
 }
+
+func (t *tailer) countFiles() { t.m.files.Set(float64(len(t.files))) }
 
 func statID(fi os.FileInfo) fileID {
 	st := fi.Sys().(*syscall.Stat_t)
 	return fileID{Dev: uint64(st.Dev), Ino: st.Ino}
 }
 
+// start finds the files for the first time (LOGSHIP_START_AT applies to
+// those without a checkpoint). Checkpointed files that no glob finds any more
+// were rotated away while the shipper was down: they are emitted as forget
+// entries so the checkpoint does not grow forever.
+func (t *tailer) start() {
+	t.scan()
+	for _, p := range t.resume {
+		t.out = append(t.out, entry{pos: p, forget: true})
+	}
+	t.scanned = true
+}
+
+// scanIfDue rescans when fsnotify saw a file appear or move, or rescanEvery
+// passed (the safety net for missed events).
+func (t *tailer) scanIfDue() {
+	select {
+	case <-t.rescan:
+	default:
+		if t.now.Sub(t.lastScan) < rescanEvery {
+			return
+		}
+	}
+	t.scan()
+}
+
+// scan opens the files the globs match and marks those they no longer match
+// as rotated.
 func (t *tailer) scan() {
 	t.lastScan = t.now
 	matched := map[fileID]bool{}
 	for _, g := range t.cfg.Paths {
-		dirs, _ := filepath.Glob(filepath.Dir(g))
-		for _, d := range dirs {
-			if !t.watched[d] {
-				if err := t.watcher.Add(d); err == nil {
-					t.watched[d] = true
-				} else {
-					t.log.Debug("cannot watch directory; relying on polling", "dir", d, "err", err)
-				}
-			}
-		}
+		t.watchDirs(g)
 		paths, _ := filepath.Glob(g)
 		for _, p := range paths {
 			fi, err := os.Stat(p)
@@ -317,18 +269,21 @@ func (t *tailer) scan() {
 			t.log.Debug("file rotated or removed; reading it to its end", "path", tf.path)
 		}
 	}
-	t.m.files.Set(float64(len(t.files)))
-	if !t.scanned {
-		// Checkpointed files that no glob finds any more were rotated away while
-		// the shipper was down: drop them with the next batch so the checkpoint
-		// does not grow forever.
-		for id := range t.resume {
-			t.forget = append(t.forget, id)
+	t.countFiles()
+}
+
+// watchDirs watches the directories glob g can match files in.
+func (t *tailer) watchDirs(g string) {
+	dirs, _ := filepath.Glob(filepath.Dir(g))
+	for _, d := range dirs {
+		if t.watched[d] {
+			continue
 		}
-		t.scanned = true
-		if t.ready != nil {
-			t.ready()
+		if err := t.watcher.Add(d); err != nil {
+			t.log.Debug("cannot watch directory; relying on polling", "dir", d, "err", err)
+			continue
 		}
+		t.watched[d] = true
 	}
 }
 
@@ -382,82 +337,100 @@ func (t *tailer) fingerprint(tf *tailFile) {
 	tf.fp = t.hashPrefix(tf, tf.fpLen)
 }
 
-// readFile reads what was appended to tf, handling copytruncate. It returns the
-// bytes read.
-func (t *tailer) readFile(tf *tailFile) (int, error) {
+// read reads the next chunk of tf (of its copy first, while a copytruncate
+// is being finished) and returns the bytes read.
+func (t *tailer) read(ctx context.Context, tf *tailFile) int {
+	if tf.copy == nil && !t.refresh(ctx, tf) {
+		return 0
+	}
+	if tf.copy != nil {
+		return t.readCopy(ctx, tf)
+	}
+	if tf.off >= tf.size {
+		return 0
+	}
+	n, err := tf.f.ReadAt(t.readBuf[:min(int64(len(t.readBuf)), tf.size-tf.off)], tf.off)
+	if n == 0 {
+		if err != nil && err != io.EOF {
+			t.log.Warn("read failed; will retry", "path", tf.path, "err", err)
+		}
+		return 0
+	}
+	tf.off += int64(n)
+	t.process(tf, t.readBuf[:n])
+	return n
+}
+
+// refresh takes in tf's new size, handling copytruncate; false when tf cannot
+// be looked at now.
+func (t *tailer) refresh(ctx context.Context, tf *tailFile) bool {
 	fi, err := tf.f.Stat()
 	if err != nil {
-		return 0, nil
+		return false
 	}
 	size := fi.Size()
-	if size != tf.size {
-		// A shrink, or a start that no longer matches, means copytruncate (or a
-		// writer that truncated and wrote past our offset before we looked).
-		if size < tf.off || (tf.fpLen > 0 && (int64(tf.fpLen) > size || t.hashPrefix(tf, tf.fpLen) != tf.fp)) {
-			if err := t.truncated(tf, size); err != nil {
-				return 0, err
-			}
-		}
-		if size > tf.size {
-			tf.lastGrow = t.now
-		}
-		tf.size = size
-		if tf.fpLen < fpMax && int64(tf.fpLen) < size {
-			t.fingerprint(tf)
+	if size == tf.size {
+		return true
+	}
+	// A shrink, or a start that no longer matches, means copytruncate (or a
+	// writer that truncated and wrote past our offset before we looked).
+	if size < tf.off || (tf.fpLen > 0 && (int64(tf.fpLen) > size || t.hashPrefix(tf, tf.fpLen) != tf.fp)) {
+		if t.truncated(ctx, tf) {
+			return true // the new size counts once the copy is read
 		}
 	}
-	total := 0
-	for tf.off < size && total < perFilePass {
-		n, err := tf.f.ReadAt(t.readBuf[:min(int64(len(t.readBuf)), size-tf.off)], tf.off)
-		if n == 0 {
-			if err != nil && err != io.EOF {
-				t.log.Warn("read failed; will retry", "path", tf.path, "err", err)
-			}
-			break
-		}
-		tf.off += int64(n)
-		total += n
-		if err := t.process(tf, t.readBuf[:n]); err != nil {
-			return total, err
-		}
+	if size > tf.size {
+		tf.lastGrow = t.now
 	}
-	return total, nil
+	tf.size = size
+	if tf.fpLen < fpMax && int64(tf.fpLen) < size {
+		t.fingerprint(tf)
+	}
+	return true
 }
 
 // truncated handles copytruncate: the lines between our offset and the
 // truncation are in the copy the rotator made next to the file, so that copy
-// is found by its first bytes and read from our offset before starting over.
-func (t *tailer) truncated(tf *tailFile, size int64) error {
+// is found by its first bytes and read on from our offset (true) before the
+// file starts over. Without a copy the unread bytes are lost, which is
+// counted and reported.
+func (t *tailer) truncated(ctx context.Context, tf *tailFile) bool {
 	t.m.rotations.Inc()
-	lost := tf.size - tf.off
-	if cp := t.findCopy(tf); cp != nil {
-		t.log.Debug("copytruncate: finishing from the copy", "path", tf.path, "copy", cp.Name(), "offset", tf.off)
-		for {
-			n, _ := cp.ReadAt(t.readBuf, tf.off)
-			if n == 0 {
-				break
-			}
-			tf.off += int64(n)
-			if err := t.process(tf, t.readBuf[:n]); err != nil {
-				cp.Close()
-				return err
-			}
-		}
-		cp.Close()
-		lost = 0
+	if c := t.findCopy(tf); c != nil {
+		t.log.Debug("copytruncate: finishing from the copy", "path", tf.path, "copy", c.Name(), "offset", tf.off)
+		tf.copy = c
+		return true
 	}
-	if err := t.flushRest(tf); err != nil {
-		return err
-	}
-	if lost > 0 {
+	if lost := tf.size - tf.off; lost > 0 {
 		t.m.bytes.WithLabelValues("dropped").Add(float64(lost))
 		msg := fmt.Sprintf("%s was truncated before %d bytes of it were read and no copy was found; those lines are lost", tf.path, lost)
 		t.log.Warn("lines lost to truncation", "path", tf.path, "bytes", lost)
-		t.ev.Event(t.ctx, events.Warning, "LogsDropped", msg)
+		t.ev.Event(ctx, events.Warning, "LogsDropped", msg)
 	}
+	t.startOver(tf)
+	return false
+}
+
+// readCopy reads on in the copy of a truncated file; at its end the file
+// starts over and is read from its first byte.
+func (t *tailer) readCopy(ctx context.Context, tf *tailFile) int {
+	if n, _ := tf.copy.ReadAt(t.readBuf, tf.off); n > 0 {
+		tf.off += int64(n)
+		t.process(tf, t.readBuf[:n])
+		return n
+	}
+	tf.copy.Close()
+	tf.copy = nil
+	t.startOver(tf)
+	return t.read(ctx, tf)
+}
+
+// startOver makes tf a new file, after what was pending of the old content
+// was emitted.
+func (t *tailer) startOver(tf *tailFile) {
+	t.flushRest(tf)
 	tf.off, tf.size, tf.buf, tf.partN = 0, 0, tf.buf[:0], 0
 	t.fingerprint(tf)
-	return nil
 }
 
 func (t *tailer) findCopy(tf *tailFile) *os.File {
@@ -494,7 +467,7 @@ func (t *tailer) findCopy(tf *tailFile) *os.File {
 }
 
 // process splits new bytes into lines and lines into records.
-func (t *tailer) process(tf *tailFile, data []byte) error {
+func (t *tailer) process(tf *tailFile, data []byte) {
 	tf.buf = append(tf.buf, data...)
 	base := tf.off - int64(len(tf.buf))
 	start := 0
@@ -508,14 +481,10 @@ func (t *tailer) process(tf *tailFile, data []byte) error {
 		start += i + 1
 		for len(line) > t.cfg.MaxLineBytes {
 			cut := runeCut(line, t.cfg.MaxLineBytes)
-			if err := t.piece(tf, line[:cut], lineStart, lineStart+int64(cut)); err != nil {
-				return err
-			}
+			t.piece(tf, line[:cut], lineStart, lineStart+int64(cut))
 			line, lineStart = line[cut:], lineStart+int64(cut)
 		}
-		if err := t.line(tf, line, base+int64(start)); err != nil {
-			return err
-		}
+		t.line(tf, line, base+int64(start))
 	}
 	// An unfinished line that is already too long is split now, so memory stays
 	// bounded by LOGSHIP_MAX_LINE_BYTES whatever the app writes.
@@ -523,12 +492,9 @@ func (t *tailer) process(tf *tailFile, data []byte) error {
 		cut := runeCut(tf.buf[start:], t.cfg.MaxLineBytes)
 		at := base + int64(start)
 		start += cut
-		if err := t.piece(tf, tf.buf[start-cut:start], at, base+int64(start)); err != nil {
-			return err
-		}
+		t.piece(tf, tf.buf[start-cut:start], at, base+int64(start))
 	}
 	tf.buf = append(tf.buf[:0], tf.buf[start:]...)
-	return nil
 }
 
 // runeCut returns where to cut b at most max bytes in without splitting a
@@ -542,113 +508,60 @@ func runeCut(b []byte, max int) int {
 }
 
 // piece emits a non-final piece of a long line starting at file offset at.
-func (t *tailer) piece(tf *tailFile, p []byte, at, end int64) error {
+func (t *tailer) piece(tf *tailFile, p []byte, at, end int64) {
 	if tf.partN == 0 {
-		if err := t.flushGroup(tf); err != nil {
-			return err
-		}
+		t.flushGroup(tf)
 		tf.partID = strconv.FormatUint(tf.id.Ino, 16) + "-" + strconv.FormatInt(at, 10)
 	}
 	tf.partN++
-	return t.emit(tf, p, end, &partial{id: tf.partID, ordinal: tf.partN})
+	t.emit(tf, p, end, &partial{id: tf.partID, ordinal: tf.partN})
 }
 
 // line handles one complete line ending at file offset end.
-func (t *tailer) line(tf *tailFile, line []byte, end int64) error {
+func (t *tailer) line(tf *tailFile, line []byte, end int64) {
 	if tf.partN > 0 {
 		tf.partN++
 		p := &partial{id: tf.partID, ordinal: tf.partN, last: true}
 		tf.partN = 0
-		return t.emit(tf, line, end, p)
+		t.emit(tf, line, end, p)
+		return
 	}
 	re := t.cfg.multiline
 	if re == nil {
-		return t.emit(tf, line, end, nil)
+		t.emit(tf, line, end, nil)
+		return
 	}
 	if re.Match(line) || tf.group == nil || len(tf.group)+1+len(line) > t.cfg.MaxLineBytes {
-		if err := t.flushGroup(tf); err != nil {
-			return err
-		}
+		t.flushGroup(tf)
 		if !re.Match(line) {
 			// A continuation with nothing to continue (the start was before our
 			// checkpoint, or the group hit the size limit): a record of its own.
-			return t.emit(tf, line, end, nil)
+			t.emit(tf, line, end, nil)
+			return
 		}
 		tf.group = append(tf.group[:0:0], line...)
 	} else {
 		tf.group = append(append(tf.group, '\n'), line...)
 	}
 	tf.groupEnd, tf.groupAt = end, t.now
-	return nil
 }
 
-func (t *tailer) flushGroup(tf *tailFile) error {
+func (t *tailer) flushGroup(tf *tailFile) {
 	if tf.group == nil {
-		return nil
+		return
 	}
 	g := tf.group
 	tf.group = nil
-	return t.emit(tf, g, tf.groupEnd, nil)
+	t.emit(tf, g, tf.groupEnd, nil)
 }
 
-// emit adds a record ending at file offset end to the batch.
-func (t *tailer) emit(tf *tailFile, line []byte, end int64, p *partial) error {
-	t.enc.add(&record{t: t.now, line: line, file: tf.path, partial: p})
-	t.m.recordsRead.Inc()
-	t.m.bytesRead.Add(float64(len(line)))
-	t.positions[tf.id] = position{Dev: tf.id.Dev, Ino: tf.id.Ino, FP: tf.fp, FPLen: tf.fpLen, Offset: end, Path: tf.path}
-	if t.batchStart.IsZero() {
-		t.batchStart = t.now
-	}
-	if t.enc.records >= t.cfg.BatchRecords || t.enc.lineBytes >= t.cfg.BatchBytes {
-		return t.seal()
-	}
-	return nil
-}
-
-// seal turns the records so far into a batch and spools it, waiting while the
-// spool is full (backpressure: reading pauses, files stay open).
-func (t *tailer) seal() error {
-	if t.enc.empty() {
-		return nil
-	}
-	b := &batch{batchMeta: batchMeta{Seq: t.st.seq(), Records: t.enc.records, LineBytes: t.enc.lineBytes, Forget: t.forget}}
-	if t.cfg.Output == "forward" && t.cfg.FluentAck {
-		b.Chunk = newChunkID()
-	}
-	for _, p := range t.positions {
-		b.Positions = append(b.Positions, p)
-	}
-	frame, err := t.enc.frame(t.cfg.FluentTag, b.Chunk, t.cfg.FluentCompress == "gzip")
-	if err != nil {
-		return err
-	}
-	b.frame = frame
-	t.positions, t.forget, t.batchStart = map[fileID]position{}, nil, time.Time{}
-	paused := false
-	err = backoff.Retry(t.ctx, backoff.Policy{Initial: 100 * time.Millisecond, Max: 5 * time.Second},
-		func(err error) bool { return t.ctx.Err() == nil },
-		func(_ int, err error, _ time.Duration) { t.log.Warn("cannot spool batch; retrying", "err", err) },
-		func(ctx context.Context) error {
-			return t.st.add(ctx, b, func() {
-				if !paused && time.Since(t.pauseLogged) > time.Minute {
-					// Once a minute: during an outage every batch waits here.
-					t.pauseLogged = time.Now()
-					t.log.Info("buffer full: reading paused until the receiver catches up", "max_bytes", t.cfg.BufferMaxBytes)
-				}
-				paused = true
-				t.beat() // waiting for the receiver is not being stuck
-				// Every commit wakes this wait: rescan at the usual pace only.
-				if now := time.Now(); now.Sub(t.lastScan) >= rescanEvery {
-					t.now = now
-					t.scan()
-				}
-			})
-		})
-	if paused {
-		t.log.Debug("reading resumed")
-	}
-	_, _, buffered := t.st.pending()
-	t.m.buffer.Set(float64(buffered))
-	return err
+// emit adds a record ending at file offset end to out. Its line is copied:
+// the file's buffer moves on before the record is taken.
+func (t *tailer) emit(tf *tailFile, line []byte, end int64, p *partial) {
+	at := len(t.arena)
+	t.arena = append(t.arena, line...)
+	t.out = append(t.out, entry{
+		rec: record{t: t.now, line: t.arena[at:len(t.arena):len(t.arena)], file: tf.path, partial: p},
+		pos: position{Dev: tf.id.Dev, Ino: tf.id.Ino, FP: tf.fp, FPLen: tf.fpLen, Offset: end, Path: tf.path},
+	})
 }

@@ -16,25 +16,28 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
-// testTailer is a tailer whose records land as JSON lines in enc.buf, driven
-// step by step (no goroutines, no timing).
-func testTailer(t *testing.T, dir string, resume map[fileID]position) (*tailer, *encoder) {
+// testTailer is a tailer whose records go through a batcher that never seals
+// (so they land as JSON lines in enc.buf), driven step by step (no goroutines,
+// no timing).
+type testTailer struct {
+	*tailer
+	bat *batcher
+}
+
+func newTestTailer(t *testing.T, dir string, resume map[fileID]position) (*testTailer, *encoder) {
 	t.Helper()
 	cfg := &Config{Paths: []string{filepath.Join(dir, "*.log")}, BatchRecords: 1 << 30, BatchBytes: 1 << 30,
 		MaxLineBytes: 1 << 20, StartAt: "beginning", Output: "stdout", BufferMaxBytes: 1 << 30}
-	st, _, err := openState(t.TempDir(), cfg.BufferMaxBytes)
-	if err != nil {
-		t.Fatal(err)
-	}
 	enc := &encoder{jsonOut: true}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	tl, err := newTailer(cfg, log, newMetrics(health.New("logshipper")), events.Nop{}, st, enc, resume)
+	m := newMetrics(health.New("logshipper"))
+	tl, err := newTailer(cfg, log, m, events.Nop{}, resume)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tl.ctx = context.Background()
-	t.Cleanup(func() { tl.watcher.Close() })
-	return tl, enc
+	tl.begin()
+	t.Cleanup(tl.close)
+	return &testTailer{tailer: tl, bat: newBatcher(cfg, m, enc, 1)}, enc
 }
 
 func logsOf(t *testing.T, enc *encoder) []string {
@@ -63,10 +66,16 @@ func appendLines(t *testing.T, path string, from, to int) {
 	}
 }
 
-func readAll(t *testing.T, tl *tailer) {
+// readAll reads every file to its end and batches what was read.
+func readAll(t *testing.T, tl *testTailer) {
 	for _, tf := range tl.files {
-		if _, err := tl.readFile(tf); err != nil {
-			t.Fatal(err)
+		for tl.read(context.Background(), tf) > 0 {
+		}
+	}
+	entries := tl.take()
+	for i := range entries {
+		if b, err := tl.bat.add(&entries[i]); b != nil || err != nil {
+			t.Fatalf("batch sealed (%v): the test batcher never seals", err)
 		}
 	}
 }
@@ -76,7 +85,7 @@ func TestCopyTruncateReadsTheCopy(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "app.log")
 	appendLines(t, path, 0, 100)
-	tl, enc := testTailer(t, dir, nil)
+	tl, enc := newTestTailer(t, dir, nil)
 	tl.scan()
 	readAll(t, tl)
 	appendLines(t, path, 100, 150) // not read yet
@@ -104,7 +113,7 @@ func TestInodeReuseIsNotResumed(t *testing.T) {
 	fi, _ := os.Stat(path)
 	id := statID(fi)
 	stale := position{Dev: id.Dev, Ino: id.Ino, FP: "0123456789abcdef01234567", FPLen: 64, Offset: 200, Path: path}
-	tl, enc := testTailer(t, dir, map[fileID]position{id: stale})
+	tl, enc := newTestTailer(t, dir, map[fileID]position{id: stale})
 	tl.scan()
 	readAll(t, tl)
 	if got := logsOf(t, enc); len(got) != 10 {
@@ -115,7 +124,7 @@ func TestInodeReuseIsNotResumed(t *testing.T) {
 	tf := tl.files[id]
 	good := position{Dev: id.Dev, Ino: id.Ino, FP: tf.fp, FPLen: tf.fpLen, Offset: tf.off, Path: path}
 	appendLines(t, path, 10, 12)
-	tl2, enc2 := testTailer(t, dir, map[fileID]position{id: good})
+	tl2, enc2 := newTestTailer(t, dir, map[fileID]position{id: good})
 	tl2.scan()
 	readAll(t, tl2)
 	if got := logsOf(t, enc2); len(got) != 2 || got[0] != "line 00010 of the application log" {
@@ -129,7 +138,7 @@ func TestLongLineSplitPieces(t *testing.T) {
 	path := filepath.Join(dir, "app.log")
 	long := strings.Repeat("é", 700) // 1400 bytes of 2-byte characters
 	os.WriteFile(path, []byte("short\n"+long+"\nafter\n"), 0o644)
-	tl, enc := testTailer(t, dir, nil)
+	tl, enc := newTestTailer(t, dir, nil)
 	tl.cfg.MaxLineBytes = 501
 	tl.scan()
 	readAll(t, tl)
@@ -158,7 +167,7 @@ func TestTruncationLossIsReported(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "app.log")
 	appendLines(t, path, 0, 10)
-	tl, enc := testTailer(t, dir, nil)
+	tl, enc := newTestTailer(t, dir, nil)
 	rec := &recorder{}
 	tl.ev = rec
 	tl.scan()
@@ -191,11 +200,11 @@ func mustStat(t *testing.T, p string) os.FileInfo {
 	return fi
 }
 
-// Pod labels from Options.Labels are on every record.
+// Pod labels from lifecycle.Deps.Labels are on every record.
 func TestLabelsOnRecords(t *testing.T) {
 	dir := t.TempDir()
 	appendLines(t, filepath.Join(dir, "app.log"), 0, 3)
-	tl, enc := testTailer(t, dir, nil)
+	tl, enc := newTestTailer(t, dir, nil)
 	enc.pod = "upload-0"
 	enc.labels = func() map[string]string { return map[string]string{"app": "upload", "tier": "web"} }
 	tl.scan()

@@ -15,7 +15,7 @@ func main() {
 		Name:    "logshipper",
 		Summary: "tail log files and forward them at-least-once over the Fluent forward protocol",
 		Run: func(ctx context.Context, cfg *logshipper.Config, deps lifecycle.Deps) error {
-			return logshipper.New(cfg, deps.Log, deps.Events, logshipper.Options{Labels: deps.Labels, Health: deps.Health}).Run(ctx)
+			return logshipper.New(cfg, deps).Run(ctx)
 		},
 	}.Main(&logshipper.Config{}, os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
 }
