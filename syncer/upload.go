@@ -100,26 +100,7 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 		return r
 	}
 	file := snapshot.File{Path: rel, Size: st.size, SHA256: hex.EncodeToString(h.Sum(nil)), MTime: st.mtime, Mode: snapshot.Mode(st.mode)}
-	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(rel))}
-	key := snapshot.DataKey(rel)
-	var info store.ObjectInfo
-	err = backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
-		u.m.retries.Inc()
-		if attempt == 0 || attempt%10 == 9 {
-			u.log.Warn("upload failed, retrying", "path", rel, "err", err, "attempt", attempt+1, "wait", wait)
-		}
-		if attempt >= 2 {
-			u.rec.Event(ctx, events.Warning, "UploadsFailing", "uploads are failing and being retried: "+err.Error())
-		}
-	}, func(ctx context.Context) error {
-		var err error
-		if u.mp != nil && st.size >= multipartThreshold {
-			info, err = u.multipart(ctx, f, file, opts)
-		} else {
-			info, err = u.st.Put(ctx, key, io.NewSectionReader(f, 0, st.size), st.size, opts)
-		}
-		return err
-	})
+	info, err := u.send(ctx, f, file)
 	if err != nil {
 		r.err = err
 		return r
@@ -137,6 +118,30 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 	file.ETag, file.VersionID = info.ETag, info.VersionID
 	r.file = file
 	return r
+}
+
+// send writes the object of file from f, retrying through outages.
+func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (store.ObjectInfo, error) {
+	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
+	var info store.ObjectInfo
+	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
+		u.m.retries.Inc()
+		if attempt == 0 || attempt%10 == 9 {
+			u.log.Warn("upload failed, retrying", "path", file.Path, "err", err, "attempt", attempt+1, "wait", wait)
+		}
+		if attempt >= 2 {
+			u.rec.Event(ctx, events.Warning, "UploadsFailing", "uploads are failing and being retried: "+err.Error())
+		}
+	}, func(ctx context.Context) error {
+		var err error
+		if u.mp != nil && file.Size >= multipartThreshold {
+			info, err = u.multipart(ctx, f, file, opts)
+		} else {
+			info, err = u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, opts)
+		}
+		return err
+	})
+	return info, err
 }
 
 // multipart uploads a large file resumably: the journal in the state dir
