@@ -69,26 +69,17 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-func envMap(kv []string) config.Env {
-	m := config.Env{}
-	for _, s := range kv {
-		k, v, _ := strings.Cut(s, "=")
-		m[k] = v
-	}
-	return m
-}
-
 // testConfig is a loaded configuration for dir on endpoint under prefix.
 func testConfig(t *testing.T, srv *peers.S3Server, endpoint, prefix, dir string, extra ...string) *Config {
 	t.Helper()
-	env := envMap(srv.AgentEnv(prefix))
+	env := lifecycle.EnvMap(srv.AgentEnv(prefix))
 	env["S3_ENDPOINT"] = endpoint
 	env["SYNC_DIR"] = dir
 	env["SYNC_HTTP_ADDR"] = "off"
 	env["POD_NAME"] = "pod-test"
 	env["SYNC_SETTLE"] = "300ms"
 	env["SYNC_SNAPSHOT_INTERVAL"] = "0"
-	for k, v := range envMap(extra) {
+	for k, v := range lifecycle.EnvMap(extra) {
 		env[k] = v
 	}
 	var c Config
@@ -425,30 +416,37 @@ func (k *keyCounter) writes(part string) []string {
 // proc runs the syncer binary.
 type proc struct {
 	cmd  *exec.Cmd
-	out  *bytes.Buffer
-	mu   *sync.Mutex
+	out  *lockedBuf
 	done chan struct{}
 	code int
 }
 
+// lockedBuf is the process's output: written by the exec package's copying
+// goroutines while the test reads it.
 type lockedBuf struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
-func (l lockedBuf) Write(p []byte) (int, error) {
+func (l *lockedBuf) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 func startBin(t *testing.T, env []string) *proc {
 	t.Helper()
-	p := &proc{out: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan struct{})}
+	p := &proc{out: &lockedBuf{}, done: make(chan struct{})}
 	p.cmd = exec.Command(syncerBin)
 	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "LOG_FORMAT=text"}, env...)
-	p.cmd.Stdout = lockedBuf{p.mu, p.out}
-	p.cmd.Stderr = lockedBuf{p.mu, p.out}
+	p.cmd.Stdout = p.out
+	p.cmd.Stderr = p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -468,8 +466,6 @@ func startBin(t *testing.T, env []string) *proc {
 }
 
 func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	return p.out.String()
 }
 
