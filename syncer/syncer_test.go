@@ -300,7 +300,6 @@ func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	const prefix = "multipart"
 	const size = 200 << 20
-	const partSize = partSize
 	const parts = (size + partSize - 1) / partSize
 	big := filepath.Join(dir, "video", "big.bin")
 	chunk := randBytes(42, 1<<20)
