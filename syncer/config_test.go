@@ -59,12 +59,12 @@ func TestExcluded(t *testing.T) {
 	if err := config.Load(&c, config.Env{"STORE_URL": "file:///tmp/x", "SYNC_DIR": t.TempDir(), "SYNC_EXCLUDE": DefaultExclude + ", cache/*"}); err != nil {
 		t.Fatal(err)
 	}
-	s := &Syncer{cfg: &c}
+	w := newWatcher(&c, nil, nil)
 	for rel, want := range map[string]bool{
 		"a.tmp": true, "d/e/f.part": true, "x.partial": true, ".f.swp": true, "notes~": true, "d/.#lock": true,
 		"cache/x": true, "cache/sub/x": false, "a.txt": false, "tmp/a.txt": false, "d/a.tmpl": false,
 	} {
-		if got := s.excluded(rel); got != want {
+		if got := w.excluded(rel); got != want {
 			t.Errorf("excluded(%q) = %v, want %v", rel, got, want)
 		}
 	}
@@ -75,7 +75,7 @@ func TestExcluded(t *testing.T) {
 		filepath.Dir(c.Dir):                                 false,
 		filepath.Join(c.Dir, "ok.txt"):                      true,
 	} {
-		if _, ok := s.rel(abs); ok != want {
+		if _, ok := w.rel(abs); ok != want {
 			t.Errorf("rel(%q) ok = %v, want %v", abs, ok, want)
 		}
 	}

@@ -25,11 +25,13 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/fsnotify/fsnotify"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -67,26 +69,17 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-func envMap(kv []string) config.Env {
-	m := config.Env{}
-	for _, s := range kv {
-		k, v, _ := strings.Cut(s, "=")
-		m[k] = v
-	}
-	return m
-}
-
 // testConfig is a loaded configuration for dir on endpoint under prefix.
 func testConfig(t *testing.T, srv *peers.S3Server, endpoint, prefix, dir string, extra ...string) *Config {
 	t.Helper()
-	env := envMap(srv.AgentEnv(prefix))
+	env := lifecycle.EnvMap(srv.AgentEnv(prefix))
 	env["S3_ENDPOINT"] = endpoint
 	env["SYNC_DIR"] = dir
 	env["SYNC_HTTP_ADDR"] = "off"
 	env["POD_NAME"] = "pod-test"
 	env["SYNC_SETTLE"] = "300ms"
 	env["SYNC_SNAPSHOT_INTERVAL"] = "0"
-	for k, v := range envMap(extra) {
+	for k, v := range lifecycle.EnvMap(extra) {
 		env[k] = v
 	}
 	var c Config
@@ -123,29 +116,30 @@ func (r *recorder) has(reason string) bool {
 type running struct {
 	s    *Syncer
 	rec  *recorder
+	st   *recordingStore
 	errc chan error
 	stop context.CancelFunc
-
-	mu      sync.Mutex
-	uploads []snapshot.File
 }
 
-func startSyncer(t *testing.T, cfg *Config, o Options) *running {
+// startSyncer runs a syncer in-process with real dependencies, as the binary
+// does, except that the recorder and the store record what they are told;
+// with is applied to the syncer before Run.
+func startSyncer(t *testing.T, cfg *Config, with ...func(*Syncer)) *running {
 	t.Helper()
 	r := &running{rec: &recorder{}, errc: make(chan error, 1)}
-	o.Recorder = r.rec
-	if o.Log == nil {
-		o.Log = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	}
-	o.Health = health.New("syncer")
-	o.onUpload = func(f snapshot.File) {
-		r.mu.Lock()
-		r.uploads = append(r.uploads, f)
-		r.mu.Unlock()
-	}
-	s, err := New(context.Background(), cfg, o)
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	st, err := store.Open(context.Background(), &cfg.Store, log)
 	if err != nil {
 		t.Fatal(err)
+	}
+	r.st = &recordingStore{Store: st}
+	s, err := New(cfg, lifecycle.Deps{Log: log, Events: r.rec, Health: health.New("syncer"), Store: r.st.wrap(),
+		DrainTimeout: cfg.DrainTimeout()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range with {
+		f(s)
 	}
 	r.s = s
 	ctx, cancel := context.WithCancel(context.Background())
@@ -161,6 +155,67 @@ func startSyncer(t *testing.T, cfg *Config, o Options) *running {
 	})
 	waitReady(t, r)
 	return r
+}
+
+// recordingStore is the syncer's store, noting every data object written
+// as the file its metadata describes: what was uploaded, and when, without a
+// hook in the syncer.
+type recordingStore struct {
+	store.Store
+	mu      sync.Mutex
+	uploads []snapshot.File
+}
+
+// wrap keeps the multipart capability of the store underneath, so the
+// syncer takes the same paths as with the real one.
+func (r *recordingStore) wrap() store.Store {
+	if mp, ok := r.Store.(store.Multiparter); ok {
+		return &recordingMultiparter{recordingStore: r, mp: mp}
+	}
+	return r
+}
+
+func (r *recordingStore) note(key string, size int64, meta map[string]string) {
+	rel, ok := strings.CutPrefix(key, snapshot.DataDir)
+	if !ok {
+		return
+	}
+	f, err := snapshot.FileFromMetadata(rel, size, meta)
+	if err != nil {
+		f = snapshot.File{Path: rel, Size: size, SHA256: meta[snapshot.MetaSHA256]}
+	}
+	r.mu.Lock()
+	r.uploads = append(r.uploads, f)
+	r.mu.Unlock()
+}
+
+func (r *recordingStore) Put(ctx context.Context, key string, rd io.Reader, size int64, opts store.PutOptions) (store.ObjectInfo, error) {
+	info, err := r.Store.Put(ctx, key, rd, size, opts)
+	if err == nil {
+		r.note(key, size, opts.Metadata)
+	}
+	return info, err
+}
+
+type recordingMultiparter struct {
+	*recordingStore
+	mp store.Multiparter
+}
+
+func (r *recordingMultiparter) UploadFileResumable(ctx context.Context, key string, f io.ReaderAt, size int64, j *store.MultipartJournal, o store.MultipartOptions) (store.ObjectInfo, error) {
+	info, err := r.mp.UploadFileResumable(ctx, key, f, size, j, o)
+	if err == nil {
+		r.note(key, size, o.Metadata)
+	}
+	return info, err
+}
+
+func (r *recordingMultiparter) ListMultipartUploads(ctx context.Context, prefix string) ([]store.MultipartUpload, error) {
+	return r.mp.ListMultipartUploads(ctx, prefix)
+}
+
+func (r *recordingMultiparter) AbortMultipart(ctx context.Context, key, uploadID string) error {
+	return r.mp.AbortMultipart(ctx, key, uploadID)
 }
 
 func waitReady(t *testing.T, r *running) {
@@ -198,11 +253,13 @@ func (r *running) shutdown(t *testing.T) error {
 	}
 }
 
+// uploadsOf lists the objects written for rel (attempts that the syncer
+// then found changed included).
 func (r *running) uploadsOf(rel string) []snapshot.File {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.st.mu.Lock()
+	defer r.st.mu.Unlock()
 	var out []snapshot.File
-	for _, f := range r.uploads {
+	for _, f := range r.st.uploads {
 		if f.Path == rel {
 			out = append(out, f)
 		}
@@ -302,7 +359,7 @@ func randBytes(seed uint64, n int) []byte {
 // s3Store is the store a syncer on prefix writes, for snapshot assertions.
 func s3Store(t *testing.T, srv *peers.S3Server, prefix string) store.Store {
 	t.Helper()
-	st, err := store.NewS3(context.Background(), srv.StoreConfig(t, prefix), store.S3Options{})
+	st, err := store.Open(context.Background(), srv.StoreConfig(t, prefix), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,30 +416,37 @@ func (k *keyCounter) writes(part string) []string {
 // proc runs the syncer binary.
 type proc struct {
 	cmd  *exec.Cmd
-	out  *bytes.Buffer
-	mu   *sync.Mutex
+	out  *lockedBuf
 	done chan struct{}
 	code int
 }
 
+// lockedBuf is the process's output: written by the exec package's copying
+// goroutines while the test reads it.
 type lockedBuf struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
-func (l lockedBuf) Write(p []byte) (int, error) {
+func (l *lockedBuf) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 func startBin(t *testing.T, env []string) *proc {
 	t.Helper()
-	p := &proc{out: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan struct{})}
+	p := &proc{out: &lockedBuf{}, done: make(chan struct{})}
 	p.cmd = exec.Command(syncerBin)
 	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "LOG_FORMAT=text"}, env...)
-	p.cmd.Stdout = lockedBuf{p.mu, p.out}
-	p.cmd.Stderr = lockedBuf{p.mu, p.out}
+	p.cmd.Stdout = p.out
+	p.cmd.Stderr = p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -402,8 +466,6 @@ func startBin(t *testing.T, env []string) *proc {
 }
 
 func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	return p.out.String()
 }
 
@@ -435,4 +497,46 @@ func (p *proc) waitLog(t *testing.T, substr string, timeout time.Duration) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, p.output())
 	}
+}
+
+// pausedNotifier is fsnotify whose events stop reaching the syncer while mu
+// is held: fsnotify's reader then blocks and the kernel queue overflows, as
+// under a burst the syncer cannot keep up with.
+type pausedNotifier struct {
+	notifier
+	mu     sync.RWMutex
+	events chan fsnotify.Event
+	done   chan struct{}
+}
+
+// install makes s watch through p.
+func (p *pausedNotifier) install(s *Syncer) {
+	s.newNotifier = func() (notifier, error) {
+		n, err := newFSNotifier()
+		if err != nil {
+			return nil, err
+		}
+		p.notifier, p.events, p.done = n, make(chan fsnotify.Event), make(chan struct{})
+		go p.forward()
+		return p, nil
+	}
+}
+
+func (p *pausedNotifier) forward() {
+	for ev := range p.notifier.Events() {
+		p.mu.RLock() // waits while the test holds mu
+		p.mu.RUnlock()
+		select {
+		case p.events <- ev:
+		case <-p.done:
+			return
+		}
+	}
+}
+
+func (p *pausedNotifier) Events() <-chan fsnotify.Event { return p.events }
+
+func (p *pausedNotifier) Close() error {
+	close(p.done)
+	return p.notifier.Close()
 }

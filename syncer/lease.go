@@ -3,12 +3,19 @@ package syncer
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"regexp"
+	"strings"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/events"
@@ -49,24 +56,58 @@ func (e *LeaseConflictError) Error() string {
 		e.Store, LeaseKey, e.Holder.holder(), e.Holder.Expires.Format(time.RFC3339))
 }
 
+// identity names this syncer in the lease and in the snapshots it writes.
+type identity struct {
+	pod, namespace, host string
+}
+
+var suffixRe = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
+
+// suffix is the writer's part of snapshot IDs: the pod name made safe for a
+// key, or random bytes without one.
+func (id identity) suffix() string {
+	s := strings.Trim(suffixRe.ReplaceAllString(id.pod, "-"), "-.")
+	if len(s) > 64 {
+		s = s[:64]
+	}
+	if s == "" {
+		b := make([]byte, 4)
+		_, _ = rand.Read(b)
+		s = hex.EncodeToString(b)
+	}
+	return s
+}
+
+// leaseTTL is how long a lease outlives its holder's last renewal.
+const leaseTTL = 30 * time.Second
+
+// lease is the single-writer lease on the store's prefix.
 type lease struct {
-	s    *Syncer
+	st       store.Store
+	id       identity
+	ttl      time.Duration
+	now      func() time.Time
+	log      *slog.Logger
+	rec      events.Recorder
+	renewals prometheus.Counter
+
 	mu   sync.Mutex
 	etag string
 	doc  LeaseDoc
 }
 
-func newLease(s *Syncer) *lease { return &lease{s: s} }
+func newLease(st store.Store, id identity, log *slog.Logger, rec events.Recorder, renewals prometheus.Counter) *lease {
+	return &lease{st: st, id: id, ttl: leaseTTL, now: time.Now, log: log, rec: rec, renewals: renewals}
+}
 
 func (l *lease) newDoc(acquired time.Time) LeaseDoc {
-	now := time.Now().UTC()
-	return LeaseDoc{Pod: l.s.cfg.Base.PodName, Namespace: l.s.cfg.Base.PodNamespace, Host: l.s.host, Acquired: acquired, Expires: now.Add(l.s.opts.LeaseTTL)}
+	return LeaseDoc{Pod: l.id.pod, Namespace: l.id.namespace, Host: l.id.host, Acquired: acquired, Expires: l.now().UTC().Add(l.ttl)}
 }
 
 func (l *lease) put(ctx context.Context, doc LeaseDoc, opts store.PutOptions) error {
 	b, _ := json.Marshal(doc)
 	opts.ContentType = "application/json"
-	info, err := l.s.st.Put(ctx, LeaseKey, bytes.NewReader(b), int64(len(b)), opts)
+	info, err := l.st.Put(ctx, LeaseKey, bytes.NewReader(b), int64(len(b)), opts)
 	if err != nil {
 		return err
 	}
@@ -80,12 +121,12 @@ func (l *lease) put(ctx context.Context, doc LeaseDoc, opts store.PutOptions) er
 // the same name holds.
 func (l *lease) acquire(ctx context.Context) error {
 	for range 5 {
-		now := time.Now().UTC()
+		now := l.now().UTC()
 		err := l.put(ctx, l.newDoc(now), store.PutOptions{IfNoneMatch: true})
 		if err == nil || !errors.Is(err, store.ErrPrecondition) {
 			return err
 		}
-		rc, info, err := l.s.st.Get(ctx, LeaseKey, store.GetOptions{})
+		rc, info, err := l.st.Get(ctx, LeaseKey, store.GetOptions{})
 		if errors.Is(err, store.ErrNotExist) {
 			continue // released meanwhile
 		}
@@ -99,11 +140,11 @@ func (l *lease) acquire(ctx context.Context) error {
 		}
 		var cur LeaseDoc
 		if err := json.Unmarshal(b, &cur); err != nil {
-			l.s.log.Warn("lease object unreadable, taking it over", "err", err)
-		} else if !(cur.Pod != "" && cur.Pod == l.s.cfg.Base.PodName) && now.Before(cur.Expires) {
-			return &LeaseConflictError{Holder: cur, Store: l.s.st.String()}
+			l.log.Warn("lease object unreadable, taking it over", "err", err)
+		} else if !(cur.Pod != "" && cur.Pod == l.id.pod) && now.Before(cur.Expires) {
+			return &LeaseConflictError{Holder: cur, Store: l.st.String()}
 		} else {
-			l.s.log.Info("taking over lease", "holder", cur.holder(), "expired", !now.Before(cur.Expires))
+			l.log.Info("taking over lease", "holder", cur.holder(), "expired", !now.Before(cur.Expires))
 		}
 		err = l.put(ctx, l.newDoc(now), store.PutOptions{IfMatch: info.ETag})
 		if err == nil || !errors.Is(err, store.ErrPrecondition) {
@@ -113,10 +154,20 @@ func (l *lease) acquire(ctx context.Context) error {
 	return &store.Error{Op: "lease", Key: LeaseKey, Err: errors.New("lease changed under us repeatedly"), Retryable: true}
 }
 
+// hold keeps the lease in the background until stop, which waits for the
+// renewals to end. Losing it to another writer is reported on lost.
+func (l *lease) hold(ctx context.Context) (lost <-chan error, stop func()) {
+	ch := make(chan error, 1)
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); l.keep(ctx, ch) }()
+	return ch, sync.OnceFunc(func() { cancel(); <-done })
+}
+
 // keep renews the lease every third of its TTL until ctx ends. Losing it to
 // another writer is fatal and reported on lost.
 func (l *lease) keep(ctx context.Context, lost chan<- error) {
-	t := time.NewTicker(l.s.opts.LeaseTTL / 3)
+	t := time.NewTicker(l.ttl / 3)
 	defer t.Stop()
 	for {
 		select {
@@ -127,23 +178,23 @@ func (l *lease) keep(ctx context.Context, lost chan<- error) {
 		l.mu.Lock()
 		etag, acquired := l.etag, l.doc.Acquired
 		l.mu.Unlock()
-		err := backoff.Retry(ctx, backoff.Policy{Initial: 200 * time.Millisecond, Max: l.s.opts.LeaseTTL / 6}, store.IsRetryable, nil, func(ctx context.Context) error {
+		err := backoff.Retry(ctx, backoff.Policy{Initial: 200 * time.Millisecond, Max: l.ttl / 6}, store.IsRetryable, nil, func(ctx context.Context) error {
 			return l.put(ctx, l.newDoc(acquired), store.PutOptions{IfMatch: etag})
 		})
 		switch {
 		case err == nil:
-			l.s.m.leaseRenewals.Inc()
+			l.renewals.Inc()
 		case ctx.Err() != nil:
 			return
 		case errors.Is(err, store.ErrPrecondition) && l.stillOurs(ctx, acquired):
-			l.s.m.leaseRenewals.Inc()
+			l.renewals.Inc()
 		case errors.Is(err, store.ErrPrecondition):
 			msg := "lease lost: another writer replaced " + LeaseKey + "; stopping so two syncers never write one prefix"
-			l.s.rec.Event(ctx, events.Warning, "LeaseConflict", msg)
+			l.rec.Event(ctx, events.Warning, "LeaseConflict", msg)
 			lost <- errors.New(msg)
 			return
 		default:
-			l.s.log.Warn("lease renewal failed", "err", err)
+			l.log.Warn("lease renewal failed", "err", err)
 		}
 	}
 }
@@ -151,7 +202,7 @@ func (l *lease) keep(ctx context.Context, lost chan<- error) {
 // stillOurs handles a renewal whose response was lost and whose retry then
 // failed its If-Match: if the object is the one we wrote, adopt its ETag.
 func (l *lease) stillOurs(ctx context.Context, acquired time.Time) bool {
-	rc, info, err := l.s.st.Get(ctx, LeaseKey, store.GetOptions{})
+	rc, info, err := l.st.Get(ctx, LeaseKey, store.GetOptions{})
 	if err != nil {
 		return false
 	}
@@ -160,13 +211,20 @@ func (l *lease) stillOurs(ctx context.Context, acquired time.Time) bool {
 	if json.NewDecoder(io.LimitReader(rc, 64<<10)).Decode(&cur) != nil {
 		return false
 	}
-	if cur.Pod != l.s.cfg.Base.PodName || cur.Host != l.s.host || !cur.Acquired.Equal(acquired) {
+	if cur.Pod != l.id.pod || cur.Host != l.id.host || !cur.Acquired.Equal(acquired) {
 		return false
 	}
 	l.mu.Lock()
 	l.etag, l.doc = info.ETag, cur
 	l.mu.Unlock()
 	return true
+}
+
+// releaseWithin releases the lease within d, even after ctx ended.
+func (l *lease) releaseWithin(ctx context.Context, d time.Duration) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d)
+	defer cancel()
+	l.release(rctx)
 }
 
 // release deletes the lease if it is still ours.
@@ -177,19 +235,19 @@ func (l *lease) release(ctx context.Context) {
 	if etag == "" {
 		return
 	}
-	info, err := l.s.st.Head(ctx, LeaseKey, store.HeadOptions{})
+	info, err := l.st.Head(ctx, LeaseKey, store.HeadOptions{})
 	if err != nil || info.ETag != etag {
 		if err != nil && !errors.Is(err, store.ErrNotExist) {
-			l.s.log.Warn("cannot release lease; it expires on its own", "err", err)
+			l.log.Warn("cannot release lease; it expires on its own", "err", err)
 		}
 		return
 	}
-	if err := l.s.st.Delete(ctx, LeaseKey); err != nil {
-		l.s.log.Warn("cannot release lease; it expires on its own", "err", err)
+	if err := l.st.Delete(ctx, LeaseKey); err != nil {
+		l.log.Warn("cannot release lease; it expires on its own", "err", err)
 		return
 	}
 	l.mu.Lock()
 	l.etag = ""
 	l.mu.Unlock()
-	l.s.log.Info("lease released")
+	l.log.Info("lease released")
 }

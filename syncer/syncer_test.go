@@ -67,7 +67,7 @@ func testWatch(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	staging := t.TempDir()
 	const prefix = "watch"
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1s"), Options{})
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1s"))
 
 	want := map[string][]byte{}
 	put := func(rel string, b []byte) {
@@ -173,7 +173,7 @@ func testRenameSkipsSettle(t *testing.T, srv *peers.S3Server) {
 	writeFile(t, filepath.Join(dir, "incoming", "sub", "m.txt"), []byte("moved in"))
 	writeFile(t, filepath.Join(outside, "tree", "deep", "t.txt"), []byte("tree from outside"))
 	writeFile(t, filepath.Join(outside, "single.txt"), []byte("file from outside"))
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1h"), Options{})
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=1h"))
 	writeFile(t, filepath.Join(dir, "inplace.txt"), []byte("written in place"))
 	writeFile(t, filepath.Join(dir, "r.dat.tmp"), []byte("renamed"))
 	if err := os.Rename(filepath.Join(dir, "r.dat.tmp"), filepath.Join(dir, "r.dat")); err != nil {
@@ -259,7 +259,7 @@ func killMidMultipart(t *testing.T, srv *peers.S3Server, prefix, dir, pod string
 func testMultipartAbandoned(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	const prefix = "multipart-abandoned"
-	const size = 6 * store.DefaultPartSize
+	const size = 6 * partSize
 	big := filepath.Join(dir, "gone.bin")
 	if err := os.WriteFile(big, randBytes(7, size), 0o644); err != nil {
 		t.Fatal(err)
@@ -300,7 +300,6 @@ func testMultipartResume(t *testing.T, srv *peers.S3Server) {
 	dir := t.TempDir()
 	const prefix = "multipart"
 	const size = 200 << 20
-	const partSize = store.DefaultPartSize
 	const parts = (size + partSize - 1) / partSize
 	big := filepath.Join(dir, "video", "big.bin")
 	chunk := randBytes(42, 1<<20)
@@ -387,7 +386,7 @@ func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
 			os.Chmod(filepath.Join(dir1, fmt.Sprintf("d%d/f%02d.txt", i%3, i)), 0o600)
 		}
 	}
-	r1 := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir1, "SYNC_SETTLE=100ms"), Options{})
+	r1 := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir1, "SYNC_SETTLE=100ms"))
 	if err := r1.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
@@ -416,7 +415,7 @@ func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
 	writeFile(t, filepath.Join(dir2, ".podkeeper", "restored.json"), []byte(`{"snapshot":"`+m.ID+`"}`))
 
 	kc := newKeyCounter(t, srv.Endpoint)
-	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms"), Options{})
+	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms"))
 	if err := r2.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
@@ -434,7 +433,7 @@ func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
 	changed := filepath.Join(dir2, "d1/f01.txt")
 	writeFile(t, changed, []byte("changed after the restore"))
 	kc2 := newKeyCounter(t, srv.Endpoint)
-	r3 := startSyncer(t, testConfig(t, srv, kc2.URL, prefix, dir2, "SYNC_SETTLE=100ms"), Options{})
+	r3 := startSyncer(t, testConfig(t, srv, kc2.URL, prefix, dir2, "SYNC_SETTLE=100ms"))
 	if err := r3.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
@@ -458,14 +457,15 @@ func testOverflowRescan(t *testing.T, srv *peers.S3Server) {
 	if err := os.Mkdir(filepath.Join(dir, "junk"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms"), Options{})
-	// Stop the loop from reading events, so the kernel queue fills up as in a
-	// burst the syncer cannot keep up with.
-	r.s.eventGate.Lock()
+	gate := &pausedNotifier{}
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms"), gate.install)
+	// Stop delivering events to the loop, so the kernel queue fills up as in
+	// a burst the syncer cannot keep up with.
+	gate.mu.Lock()
 	locked := true
 	defer func() {
 		if locked {
-			r.s.eventGate.Unlock()
+			gate.mu.Unlock()
 		}
 	}()
 	// Excluded names: the overflow is the point, not their upload. fsnotify
@@ -480,7 +480,7 @@ func testOverflowRescan(t *testing.T, srv *peers.S3Server) {
 	for i := range 3 {
 		writeFile(t, filepath.Join(dir, fmt.Sprintf("real-%d.txt", i)), []byte(fmt.Sprintf("real %d", i)))
 	}
-	r.s.eventGate.Unlock()
+	gate.mu.Unlock()
 	locked = false
 	for i := range 3 {
 		waitObject(t, srv, prefix, fmt.Sprintf("real-%d.txt", i), []byte(fmt.Sprintf("real %d", i)), 60*time.Second)
@@ -598,7 +598,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 		}
 		writeFile(t, filepath.Join(dir, rel), []byte(fmt.Sprintf("file %d", i)))
 	}
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"), Options{})
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"))
 	st := s3Store(t, srv, prefix)
 	snapWith := func(n int) error {
 		return peers.WaitFor(context.Background(), 30*time.Second, func() error {
@@ -654,7 +654,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 func testOutage(t *testing.T, srv *peers.S3Server) {
 	const prefix = "outage"
 	dir := t.TempDir()
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=500ms"), Options{})
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=500ms"))
 	want := map[string][]byte{}
 	n := 0
 	add := func() {
@@ -712,7 +712,7 @@ func testPermanentError(t *testing.T, srv *peers.S3Server) {
 	proxy.FailWith(http.StatusForbidden, func(r *http.Request) bool {
 		return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/data/secret")
 	})
-	r := startSyncer(t, testConfig(t, srv, proxy.URL, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_MAX_FILE_SIZE=100000"), Options{})
+	r := startSyncer(t, testConfig(t, srv, proxy.URL, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_MAX_FILE_SIZE=100000"))
 	writeFile(t, filepath.Join(dir, "secret.txt"), []byte("refused"))
 	writeFile(t, filepath.Join(dir, "huge.bin"), make([]byte, 100001))
 	for i := range 5 {
@@ -757,7 +757,7 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		}
 		cfg := testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_RETAIN=1",
 			"SYNC_SNAPSHOT_INTERVAL=200ms", fmt.Sprintf("SYNC_DELETE=%v", del))
-		r := startSyncer(t, cfg, Options{})
+		r := startSyncer(t, cfg)
 		st := s3Store(t, srv, prefix)
 		waitSnap := func(n int) {
 			t.Helper()

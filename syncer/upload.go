@@ -7,9 +7,12 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"log/slog"
 	"mime"
 	"os"
 	"path"
+	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -20,20 +23,37 @@ import (
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
-var (
-	fsErrNoSpace          error = syscall.ENOSPC
-	fsErrTooManyInstances error = syscall.EMFILE
+// Multipart tuning of the syncer's uploads: files from multipartThreshold on
+// go up resumably in parts of partSize, partConcurrency of them at a time.
+// They are the syncer's own so that they do not depend on a backend's
+// defaults.
+const (
+	multipartThreshold = 16 << 20
+	partSize           = 16 << 20
+	partConcurrency    = 8
 )
 
 // copyBufs recycles hashing buffers: a backfill of small files would
 // otherwise allocate one per file and keep the GC busy.
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
 
-func (s *Syncer) worker(ctx context.Context) {
-	for j := range s.jobs {
-		r := s.upload(ctx, j.rel)
+// uploader is what the workers share: it reads files under SYNC_DIR and
+// writes them to the store, and keeps the multipart journals.
+type uploader struct {
+	dir     string
+	journal string // multipart journal directory
+	st      store.Store
+	mp      store.Multiparter // nil: the store has no resumable uploads
+	log     *slog.Logger
+	rec     events.Recorder
+	m       *metrics
+}
+
+func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
+	for j := range jobs {
+		r := u.upload(ctx, j.rel)
 		r.gen = j.gen
-		s.results <- r
+		results <- r
 	}
 }
 
@@ -41,9 +61,9 @@ func (s *Syncer) worker(ctx context.Context) {
 // metadata), then streamed from disk; its stat is compared before and after,
 // so content that changed meanwhile is reported as changed and uploaded again
 // rather than recorded.
-func (s *Syncer) upload(ctx context.Context, rel string) result {
+func (u *uploader) upload(ctx context.Context, rel string) result {
 	r := result{rel: rel}
-	f, err := os.OpenFile(s.abs(rel), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	f, err := os.OpenFile(absPath(u.dir, rel), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ELOOP) {
 			r.gone = true
@@ -80,32 +100,13 @@ func (s *Syncer) upload(ctx context.Context, rel string) result {
 		return r
 	}
 	file := snapshot.File{Path: rel, Size: st.size, SHA256: hex.EncodeToString(h.Sum(nil)), MTime: st.mtime, Mode: snapshot.Mode(st.mode)}
-	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(rel))}
-	key := snapshot.DataKey(rel)
-	var info store.ObjectInfo
-	err = backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
-		s.m.retries.Inc()
-		if attempt == 0 || attempt%10 == 9 {
-			s.log.Warn("upload failed, retrying", "path", rel, "err", err, "attempt", attempt+1, "wait", wait)
-		}
-		if attempt >= 2 {
-			s.rec.Event(ctx, events.Warning, "UploadsFailing", "uploads are failing and being retried: "+err.Error())
-		}
-	}, func(ctx context.Context) error {
-		var err error
-		if s.s3 != nil && st.size >= s.opts.MultipartThreshold {
-			info, err = s.multipart(ctx, f, file, opts)
-		} else {
-			info, err = s.st.Put(ctx, key, io.NewSectionReader(f, 0, st.size), st.size, opts)
-		}
-		return err
-	})
+	info, err := u.send(ctx, f, file)
 	if err != nil {
 		r.err = err
 		return r
 	}
 	r.bytesSent = st.size
-	after, err := os.Lstat(s.abs(rel))
+	after, err := os.Lstat(absPath(u.dir, rel))
 	switch {
 	case err != nil:
 		r.gone = true
@@ -119,17 +120,41 @@ func (s *Syncer) upload(ctx context.Context, rel string) result {
 	return r
 }
 
+// send writes the object of file from f, retrying through outages.
+func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (store.ObjectInfo, error) {
+	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
+	var info store.ObjectInfo
+	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
+		u.m.retries.Inc()
+		if attempt == 0 || attempt%10 == 9 {
+			u.log.Warn("upload failed, retrying", "path", file.Path, "err", err, "attempt", attempt+1, "wait", wait)
+		}
+		if attempt >= 2 {
+			u.rec.Event(ctx, events.Warning, "UploadsFailing", "uploads are failing and being retried: "+err.Error())
+		}
+	}, func(ctx context.Context) error {
+		var err error
+		if u.mp != nil && file.Size >= multipartThreshold {
+			info, err = u.multipart(ctx, f, file, opts)
+		} else {
+			info, err = u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, opts)
+		}
+		return err
+	})
+	return info, err
+}
+
 // multipart uploads a large file resumably: the journal in the state dir
 // survives a SIGKILL, and the next attempt (or process) reuses the parts the
 // server still has, as long as the file is the same one (size, mtime, hash).
-func (s *Syncer) multipart(ctx context.Context, f *os.File, file snapshot.File, opts store.PutOptions) (store.ObjectInfo, error) {
+func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File, opts store.PutOptions) (store.ObjectInfo, error) {
 	key := snapshot.DataKey(file.Path)
-	jp := store.JournalPath(s.journal, key)
+	jp := store.JournalPath(u.journal, key)
 	j, err := store.LoadJournal(jp)
 	if err == nil && (j.Key != key || j.Size != file.Size || j.MTimeNS != file.MTime.UnixNano() || j.SHA256 != file.SHA256) {
 		if j.UploadID != "" {
-			if err := s.s3.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
-				s.log.Warn("cannot abort outdated multipart upload", "key", j.Key, "err", err)
+			if err := u.mp.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
+				u.log.Warn("cannot abort outdated multipart upload", "key", j.Key, "err", err)
 			}
 		}
 		j = nil
@@ -139,19 +164,68 @@ func (s *Syncer) multipart(ctx context.Context, f *os.File, file snapshot.File, 
 	} else if j.UploadID != "" {
 		// Killed between Complete and removing the journal: the object is
 		// already there and the upload id is gone.
-		if h, err := s.st.Head(ctx, key, store.HeadOptions{}); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
+		if h, err := u.st.Head(ctx, key, store.HeadOptions{}); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
 			_ = os.Remove(jp)
 			return h, nil
 		}
-		s.log.Info("resuming multipart upload", "path", file.Path, "parts_done", j.PartCount())
+		u.log.Info("resuming multipart upload", "path", file.Path, "parts_done", j.PartCount())
 	}
-	info, err := s.s3.UploadFileResumable(ctx, key, f, file.Size, j, store.MultipartOptions{
-		PartSize: s.opts.PartSize, Concurrency: s.opts.PartConcurrency, Metadata: opts.Metadata, ContentType: opts.ContentType,
+	info, err := u.mp.UploadFileResumable(ctx, key, f, file.Size, j, store.MultipartOptions{
+		PartSize: partSize, Concurrency: partConcurrency, Metadata: opts.Metadata, ContentType: opts.ContentType,
 		Persist:  func(j *store.MultipartJournal) error { return j.Save(jp) },
-		PartDone: func(int32) { s.m.parts.Inc() },
+		PartDone: func(int32) { u.m.parts.Inc() },
 	})
 	if err == nil {
 		_ = os.Remove(jp)
 	}
 	return info, err
+}
+
+// abortStale aborts multipart uploads under data/ that no journal of ours
+// will resume (an earlier writer's leftovers, or a journal lost with the
+// emptyDir), and the uploads of journals whose file is gone. On MinIO, whose
+// listing of multipart uploads needs an exact key, leftovers without a journal
+// stay until the bucket's lifecycle rule (AbortIncompleteMultipartUpload)
+// removes them.
+func (u *uploader) abortStale(ctx context.Context) error {
+	keep := map[string]bool{}
+	entries, _ := os.ReadDir(u.journal)
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		p := filepath.Join(u.journal, e.Name())
+		j, err := store.LoadJournal(p)
+		if err != nil {
+			u.log.Warn("dropping unreadable multipart journal", "file", p, "err", err)
+			os.Remove(p)
+			continue
+		}
+		rel := strings.TrimPrefix(j.Key, snapshot.DataDir)
+		if _, err := os.Lstat(absPath(u.dir, rel)); err != nil {
+			// Abort by the journal's own id: listing cannot be relied on to
+			// find it (MinIO lists multipart uploads only by exact key).
+			u.log.Info("aborting multipart upload of a file that is gone", "key", j.Key)
+			if err := u.mp.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
+				return err
+			}
+			os.Remove(p)
+			continue
+		}
+		keep[j.UploadID] = true
+	}
+	ups, err := u.mp.ListMultipartUploads(ctx, snapshot.DataDir)
+	if err != nil {
+		return err
+	}
+	for _, up := range ups {
+		if keep[up.UploadID] {
+			continue
+		}
+		u.log.Info("aborting stale multipart upload", "key", up.Key, "initiated", up.Initiated)
+		if err := u.mp.AbortMultipart(ctx, up.Key, up.UploadID); err != nil {
+			return err
+		}
+	}
+	return nil
 }

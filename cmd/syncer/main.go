@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/syncer"
 )
 
@@ -15,7 +16,12 @@ func main() {
 		Name:    "syncer",
 		Summary: "Watches SYNC_DIR and pushes every finished file to S3, with snapshots restore can use; drains on SIGTERM.",
 		Run: func(ctx context.Context, cfg *syncer.Config, deps lifecycle.Deps) error {
-			s, err := syncer.New(ctx, cfg, syncer.Options{Log: deps.Log, Recorder: deps.Events, Health: deps.Health})
+			st, err := store.Open(ctx, &cfg.Store, deps.Log)
+			if err != nil {
+				return err
+			}
+			deps.Store = st
+			s, err := syncer.New(cfg, deps)
 			if err != nil {
 				return err
 			}
