@@ -38,6 +38,8 @@ import (
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 	"github.com/podkeeper/podkeeper/restore"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
@@ -423,7 +425,7 @@ func restoreRawLarge(t *testing.T, c *s3.Client, prefix, name, dir string, fsync
 func TestBenchRestoreDurability(t *testing.T) {
 	const rounds = 5
 	storeDir := t.TempDir()
-	st, err := store.NewFile(storeDir)
+	st, err := file.New(storeDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,8 @@ import (
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -61,7 +63,7 @@ func s3Target(t *testing.T, srv *peers.S3Server, prefix, endpoint string) *targe
 func fileTarget(t *testing.T) *target {
 	t.Helper()
 	dir := t.TempDir()
-	st, err := store.NewFile(dir)
+	st, err := file.New(dir)
 	if err != nil {
 		t.Fatal(err)
 	}

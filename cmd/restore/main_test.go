@@ -23,6 +23,8 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -363,7 +365,7 @@ func putS3Snapshot(t *testing.T, srv *peers.S3Server, prefix string, files map[s
 
 func openFileStore(t *testing.T, dir string) store.Store {
 	t.Helper()
-	st, err := store.NewFile(dir)
+	st, err := file.New(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
