@@ -32,6 +32,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -302,7 +303,7 @@ func randBytes(seed uint64, n int) []byte {
 // s3Store is the store a syncer on prefix writes, for snapshot assertions.
 func s3Store(t *testing.T, srv *peers.S3Server, prefix string) store.Store {
 	t.Helper()
-	st, err := store.NewS3(context.Background(), srv.StoreConfig(t, prefix), store.S3Options{})
+	st, err := store.Open(context.Background(), srv.StoreConfig(t, prefix), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -59,7 +59,7 @@ type Syncer struct {
 	log     *slog.Logger
 	rec     *limitedRecorder
 	st      store.Store
-	s3      *store.S3Store // nil for file:// stores
+	s3      store.Multiparter // nil for file:// stores
 	health  *health.Server
 	m       *metrics
 	opts    Options
@@ -208,18 +208,12 @@ func New(ctx context.Context, cfg *Config, o Options) (*Syncer, error) {
 	s.st = o.Store
 	if s.st == nil {
 		var err error
-		switch cfg.Store.Scheme {
-		case "file":
-			s.st, err = store.Open(ctx, &cfg.Store, o.Log)
-		default:
-			s.st, err = store.NewS3(ctx, &cfg.Store, store.S3Options{MultipartThreshold: o.MultipartThreshold,
-				PartSize: o.PartSize, PartConcurrency: o.PartConcurrency, Log: o.Log})
-		}
+		s.st, err = store.Open(ctx, &cfg.Store, o.Log)
 		if err != nil {
 			return nil, err
 		}
 	}
-	s.s3, _ = s.st.(*store.S3Store)
+	s.s3, _ = s.st.(store.Multiparter)
 	s.health = o.Health
 	if s.health == nil {
 		s.health = health.New("syncer")

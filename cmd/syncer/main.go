@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/syncer"
 )
 
