@@ -37,7 +37,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			if err != nil {
 				return err
 			}
-			_, err = restore.New(cfg, st, restore.Options{Log: deps.Log, Events: deps.Events}).Run(ctx)
+			deps.Store = st
+			_, err = restore.New(cfg, deps).Run(ctx)
 			return err
 		},
 	}.Main(&restore.Config{}, args, environ, stdout, stderr)
