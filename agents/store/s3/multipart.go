@@ -124,6 +124,11 @@ func (u *upload) sendParts(ctx context.Context, f io.ReaderAt, size int64, npart
 	}
 	err := g.Wait()
 	if err == nil {
+		// Cancelled between two parts: the ones never started must not reach
+		// Complete as a shorter object.
+		err = ctx.Err()
+	}
+	if err == nil {
 		return nil
 	}
 	if _, ok := errors.AsType[*store.Error](err); ok {
