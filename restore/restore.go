@@ -429,100 +429,139 @@ func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, 
 	if err != nil {
 		return nil, err
 	}
-	mirror := r.cfg.Mode == ModeMirror
-	p := &plan{}
-	neededDirs := map[string]bool{}
-	removeSet := map[string]bool{}
+	pl := &planner{r: r, m: m, local: local, mirror: r.cfg.Mode == ModeMirror,
+		needed: neededDirs(m), remove: map[string]bool{}, p: &plan{}}
+	if err := pl.dirs(); err != nil {
+		return nil, err
+	}
 	for _, f := range m.Files {
-		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
-			if neededDirs[d] {
-				break
-			}
-			neededDirs[d] = true
+		if err := pl.file(f); err != nil {
+			return nil, err
 		}
 	}
-	for d := range neededDirs {
-		e, ok := local[d]
+	if pl.mirror {
+		pl.extras()
+	}
+	return pl.p, nil
+}
+
+// planner is the state of one plan: what the snapshot needs, what the disk
+// has, and what is already marked for removal.
+type planner struct {
+	r      *Restorer
+	m      *snapshot.Manifest
+	local  map[string]localEntry
+	mirror bool
+	needed map[string]bool // directories above the snapshot's files
+	remove map[string]bool
+	p      *plan
+}
+
+func neededDirs(m *snapshot.Manifest) map[string]bool {
+	needed := map[string]bool{}
+	for _, f := range m.Files {
+		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
+			if needed[d] {
+				break
+			}
+			needed[d] = true
+		}
+	}
+	return needed
+}
+
+// dirs checks what is on disk where the snapshot needs directories.
+func (pl *planner) dirs() error {
+	for d := range pl.needed {
+		e, ok := pl.local[d]
 		switch {
 		case !ok || e.mode.IsDir():
 		case e.mode&fs.ModeSymlink != 0:
-			return nil, &LinkError{Path: firstUnder(m, d), Link: d}
-		case mirror:
-			removeSet[d] = true
+			return &LinkError{Path: firstUnder(pl.m, d), Link: d}
+		case pl.mirror:
+			pl.remove[d] = true
 		default:
-			return nil, &ConflictError{Path: firstUnder(m, d), Reason: fmt.Sprintf("%q on disk is a file, the snapshot needs a directory there", d)}
+			return &ConflictError{Path: firstUnder(pl.m, d), Reason: fmt.Sprintf("%q on disk is a file, the snapshot needs a directory there", d)}
 		}
 	}
-	for _, f := range m.Files {
-		e, ok := local[f.Path]
-		switch {
-		case !ok:
-		case e.mode&fs.ModeSymlink != 0:
-			return nil, &LinkError{Path: f.Path, Link: f.Path}
-		case e.mode.IsDir():
-			if !mirror {
-				return nil, &ConflictError{Path: f.Path, Reason: "a directory is in the way of the file"}
-			}
-			removeSet[f.Path] = true
-			ok = false
-		case !e.mode.IsRegular():
-			if !mirror {
-				return nil, &ConflictError{Path: f.Path, Reason: "a special file is in the way"}
-			}
-			removeSet[f.Path] = true
-			ok = false
+	return nil
+}
+
+// file decides whether f is fetched, only gets its mode and mtime fixed, or
+// is already there.
+func (pl *planner) file(f snapshot.File) error {
+	p := pl.p
+	e, ok := pl.local[f.Path]
+	switch {
+	case !ok:
+	case e.mode&fs.ModeSymlink != 0:
+		return &LinkError{Path: f.Path, Link: f.Path}
+	case e.mode.IsDir():
+		if !pl.mirror {
+			return &ConflictError{Path: f.Path, Reason: "a directory is in the way of the file"}
 		}
-		if !ok || removeSet[f.Path] {
-			p.fetch = append(p.fetch, f)
-			p.fetchBytes += f.Size
+		pl.remove[f.Path] = true
+		ok = false
+	case !e.mode.IsRegular():
+		if !pl.mirror {
+			return &ConflictError{Path: f.Path, Reason: "a special file is in the way"}
+		}
+		pl.remove[f.Path] = true
+		ok = false
+	}
+	if !ok || pl.remove[f.Path] {
+		p.fetch = append(p.fetch, f)
+		p.fetchBytes += f.Size
+		return nil
+	}
+	same, metaOK, err := pl.r.compare(f, e)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !same:
+		p.fetch = append(p.fetch, f)
+		p.fetchBytes += f.Size
+	case !metaOK:
+		p.fix = append(p.fix, f)
+		p.skip++
+		p.skipBytes += f.Size
+	default:
+		p.skip++
+		p.skipBytes += f.Size
+	}
+	return nil
+}
+
+// extras marks for removal, under mirror, everything on disk the snapshot
+// lacks, deepest first.
+func (pl *planner) extras() {
+	inSnap := make(map[string]bool, len(pl.m.Files))
+	for _, f := range pl.m.Files {
+		inSnap[f.Path] = true
+	}
+	for rel, e := range pl.local {
+		if e.mode.IsDir() && !pl.remove[rel] {
+			if !pl.needed[rel] {
+				pl.remove[rel] = true
+			}
 			continue
 		}
-		same, metaOK, err := r.compare(f, e)
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case !same:
-			p.fetch = append(p.fetch, f)
-			p.fetchBytes += f.Size
-		case !metaOK:
-			p.fix = append(p.fix, f)
-			p.skip++
-			p.skipBytes += f.Size
-		default:
-			p.skip++
-			p.skipBytes += f.Size
+		if !inSnap[rel] && !pl.remove[rel] {
+			pl.remove[rel] = true
 		}
 	}
-	if mirror {
-		inSnap := make(map[string]bool, len(m.Files))
-		for _, f := range m.Files {
-			inSnap[f.Path] = true
-		}
-		for rel, e := range local {
-			if e.mode.IsDir() && !removeSet[rel] {
-				if !neededDirs[rel] {
-					removeSet[rel] = true
-				}
-				continue
-			}
-			if !inSnap[rel] && !removeSet[rel] {
-				removeSet[rel] = true
-			}
-		}
-		// Removing a directory that is in the way means removing its content
-		// first; everything below it is extra by construction, so it is in the set.
-		for rel := range removeSet {
-			p.remove = append(p.remove, removal{path: rel, dir: local[rel].mode.IsDir()})
-		}
-		slices.SortFunc(p.remove, func(a, b removal) int {
-			if da, db := strings.Count(a.path, "/"), strings.Count(b.path, "/"); da != db {
-				return db - da
-			}
-			return strings.Compare(a.path, b.path)
-		})
+	// Removing a directory that is in the way means removing its content
+	// first; everything below it is extra by construction, so it is in the set.
+	for rel := range pl.remove {
+		pl.p.remove = append(pl.p.remove, removal{path: rel, dir: pl.local[rel].mode.IsDir()})
 	}
-	return p, nil
+	slices.SortFunc(pl.p.remove, func(a, b removal) int {
+		if da, db := strings.Count(a.path, "/"), strings.Count(b.path, "/"); da != db {
+			return db - da
+		}
+		return strings.Compare(a.path, b.path)
+	})
 }
 
 func firstUnder(m *snapshot.Manifest, dir string) string {
