@@ -36,8 +36,11 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 	"github.com/podkeeper/podkeeper/restore"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
@@ -284,7 +287,7 @@ func restoreRunInProcess(t *testing.T, srv *peers.S3Server, prefix, dir string, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := restore.New(&cfg, st, restore.Options{Log: log, Durability: dur}).Run(context.Background()); err != nil {
+	if _, err := newRestorer(&cfg, st, log, dur).Run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	return restoreSample{d: time.Since(start)}
@@ -423,7 +426,7 @@ func restoreRawLarge(t *testing.T, c *s3.Client, prefix, name, dir string, fsync
 func TestBenchRestoreDurability(t *testing.T) {
 	const rounds = 5
 	storeDir := t.TempDir()
-	st, err := store.NewFile(storeDir)
+	st, err := file.New(storeDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -457,7 +460,7 @@ func TestBenchRestoreDurability(t *testing.T) {
 			}
 			log := slog.New(slog.NewTextHandler(io.Discard, nil))
 			start := time.Now()
-			if _, err := restore.New(&cfg, st, restore.Options{Log: log, Durability: mode.d}).Run(ctx); err != nil {
+			if _, err := newRestorer(&cfg, st, log, mode.d).Run(ctx); err != nil {
 				t.Fatal(err)
 			}
 			d := time.Since(start)
@@ -477,4 +480,10 @@ func TestBenchRestoreDurability(t *testing.T) {
 	}
 	fmt.Fprintf(&out, "\nfsync each / syncfs = %.2f\n", med[1].Seconds()/med[0].Seconds())
 	fmt.Print(out.String())
+}
+
+func newRestorer(cfg *restore.Config, st store.Store, log *slog.Logger, d restore.Durability) *restore.Restorer {
+	r := restore.New(cfg, lifecycle.Deps{Store: st, Log: log})
+	r.Durability = d
+	return r
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
@@ -55,57 +56,33 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 	}
 	stop := r.logProgress(ctx, time.Now())
 	defer stop()
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
 
 	var small, large []snapshot.File
 	for _, f := range p.fetch {
-		if f.Size >= r.o.RangeThreshold {
+		if f.Size >= r.rangeThreshold {
 			large = append(large, f)
 		} else {
 			small = append(small, f)
 		}
 	}
-	// Small files: one GET each, Concurrency at a time.
-	work := make(chan snapshot.File)
-	var wg sync.WaitGroup
-	var once sync.Once
-	var firstErr error
-	fail := func(err error) {
-		once.Do(func() { firstErr = err; cancel(err) })
-	}
-	for range min(r.cfg.Concurrency, len(small)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for f := range work {
-				if err := r.fetchFile(ctx, t, tmp, f); err != nil {
-					fail(err)
-				}
-			}
-		}()
-	}
-feed:
+	// Small files: one GET each, Concurrency at a time; the first failure
+	// cancels the others.
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(r.cfg.Concurrency)
 	for _, f := range small {
-		select {
-		case work <- f:
-		case <-ctx.Done():
-			break feed
-		}
-	}
-	close(work)
-	wg.Wait()
-	// Large files one after another, each with Concurrency ranged GETs.
-	for _, f := range large {
-		if firstErr != nil {
+		if gctx.Err() != nil {
 			break
 		}
-		if err := r.fetchFile(ctx, t, tmp, f); err != nil {
-			fail(err)
-		}
+		g.Go(func() error { return r.fetchFile(gctx, t, tmp, f) })
 	}
-	if firstErr != nil {
-		return firstErr
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	// Large files one after another, each with Concurrency ranged GETs.
+	for _, f := range large {
+		if err := r.fetchFile(ctx, t, tmp, f); err != nil {
+			return err
+		}
 	}
 	return ctx.Err()
 }
@@ -142,7 +119,7 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		}
 	}()
 	var sum string
-	if f.Size >= r.o.RangeThreshold {
+	if f.Size >= r.rangeThreshold {
 		sum, err = r.downloadRanges(ctx, file, f)
 	} else {
 		sum, err = r.downloadWhole(ctx, file, f)
@@ -163,7 +140,7 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 	// Large files are flushed on their own even under SyncFS: their writeback
 	// is already under way (see downloadRanges), and syncfs would also wait
 	// for every other writer's dirty data on the filesystem.
-	if r.o.Durability == FsyncEach || f.Size >= r.o.RangeThreshold {
+	if r.Durability == FsyncEach || f.Size >= r.rangeThreshold {
 		if err := file.Sync(); err != nil {
 			return fmt.Errorf("fsync %q: %w", f.Path, err)
 		}
@@ -176,7 +153,7 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		unix.Unlinkat(tmp, name, 0)
 		return err
 	}
-	if f.Size < r.o.RangeThreshold {
+	if f.Size < r.rangeThreshold {
 		r.prog.smallFetched.Add(1)
 	}
 	r.prog.files.Add(1)
@@ -284,7 +261,7 @@ func (r *Restorer) downloadRanges(ctx context.Context, file *os.File, f snapshot
 	if err := file.Truncate(f.Size); err != nil {
 		return "", fmt.Errorf("allocate temp file for %q: %w", f.Path, err)
 	}
-	ps := r.o.PartSize
+	ps := r.partSize
 	nparts := int((f.Size + ps - 1) / ps)
 	done := make([]chan struct{}, nparts)
 	for i := range done {
@@ -295,78 +272,38 @@ func (r *Restorer) downloadRanges(ctx context.Context, file *os.File, f snapshot
 
 	h := sha256.New()
 	hashErr := make(chan error, 1)
-	go func() {
-		if !r.cfg.Verify {
-			hashErr <- nil
-			return
+	go func() { hashErr <- r.hashParts(ctx, h, file, f.Size, done) }()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(r.cfg.Concurrency)
+	for i := range nparts {
+		if gctx.Err() != nil {
+			break
 		}
-		bp := bufPool.Get().(*[]byte)
-		defer bufPool.Put(bp)
-		for i := range nparts {
-			select {
-			case <-done[i]:
-			case <-ctx.Done():
-				hashErr <- context.Cause(ctx)
-				return
-			}
+		g.Go(func() error {
 			off := int64(i) * ps
 			n := min(ps, f.Size-off)
-			if _, err := io.CopyBuffer(h, io.NewSectionReader(file, off, n), *bp); err != nil {
-				hashErr <- err
-				return
+			if err := r.getRange(gctx, file, f, off, n); err != nil {
+				return err
 			}
-		}
-		hashErr <- nil
-	}()
-
-	parts := make(chan int)
-	var wg sync.WaitGroup
-	var once sync.Once
-	var firstErr error
-	for range min(r.cfg.Concurrency, nparts) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			bp := bufPool.Get().(*[]byte)
-			defer bufPool.Put(bp)
-			for i := range parts {
-				off := int64(i) * ps
-				n := min(ps, f.Size-off)
-				err := r.get(ctx, f, store.GetOptions{Offset: off, Length: n}, func(body io.Reader, _ store.ObjectInfo) error {
-					// Reading one byte past the range sees the body's EOF, so the
-					// connection goes back to the pool instead of being closed.
-					got, err := copyCounted(io.NewOffsetWriter(file, off), io.LimitReader(body, n+1), *bp, &r.prog)
-					if err == nil && got > n {
-						err = fmt.Errorf("range %d+%d of %q returned more bytes than asked", off, n, f.Path)
-					}
-					if err == nil && got < n {
-						r.prog.bytes.Add(-got)
-						err = retryableRead("get", snapshot.DataKey(f.Path), fmt.Errorf("range %d+%d ended after %d bytes", off, n, got))
-					}
-					return err
-				})
-				if err != nil {
-					once.Do(func() { firstErr = err; cancel(err) })
-					continue
-				}
-				// Start writing this part to disk now, while later parts still
-				// download, so the final flush has little left to do. Only a hint:
-				// durability comes from the fsync/syncfs before restored.json.
-				_ = unix.SyncFileRange(int(file.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
-				close(done[i])
-			}
-		}()
+			// Start writing this part to disk now, while later parts still
+			// download, so the final flush has little left to do. Only a hint:
+			// durability comes from the fsync/syncfs before restored.json.
+			_ = unix.SyncFileRange(int(file.Fd()), off, n, unix.SYNC_FILE_RANGE_WRITE)
+			close(done[i])
+			return nil
+		})
 	}
-feed:
-	for i := range nparts {
-		select {
-		case parts <- i:
-		case <-ctx.Done():
-			break feed
-		}
+	firstErr := g.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		// Cancelled between two parts: some were never started, and without
+		// RESTORE_VERIFY nothing else would notice the hole.
+		firstErr = context.Cause(ctx)
 	}
-	close(parts)
-	wg.Wait()
+	if firstErr != nil {
+		// The hasher may wait for a part that will never come.
+		cancel(firstErr)
+	}
 	herr := <-hashErr
 	if firstErr != nil {
 		return "", firstErr
@@ -375,4 +312,46 @@ feed:
 		return "", fmt.Errorf("hash %q: %w", f.Path, herr)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// hashParts feeds the parts of file to h in order, each as soon as its done
+// channel is closed. Without RESTORE_VERIFY it hashes nothing.
+func (r *Restorer) hashParts(ctx context.Context, h hash.Hash, file *os.File, size int64, done []chan struct{}) error {
+	if !r.cfg.Verify {
+		return nil
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	for i := range done {
+		select {
+		case <-done[i]:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+		off := int64(i) * r.partSize
+		n := min(r.partSize, size-off)
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(file, off, n), *bp); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// getRange downloads bytes off..off+n of f into file at the same offset.
+func (r *Restorer) getRange(ctx context.Context, file *os.File, f snapshot.File, off, n int64) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	return r.get(ctx, f, store.GetOptions{Offset: off, Length: n}, func(body io.Reader, _ store.ObjectInfo) error {
+		// Reading one byte past the range sees the body's EOF, so the
+		// connection goes back to the pool instead of being closed.
+		got, err := copyCounted(io.NewOffsetWriter(file, off), io.LimitReader(body, n+1), *bp, &r.prog)
+		if err == nil && got > n {
+			err = fmt.Errorf("range %d+%d of %q returned more bytes than asked", off, n, f.Path)
+		}
+		if err == nil && got < n {
+			r.prog.bytes.Add(-got)
+			err = retryableRead("get", snapshot.DataKey(f.Path), fmt.Errorf("range %d+%d ended after %d bytes", off, n, got))
+		}
+		return err
+	})
 }

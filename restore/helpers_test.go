@@ -19,8 +19,11 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -61,7 +64,7 @@ func s3Target(t *testing.T, srv *peers.S3Server, prefix, endpoint string) *targe
 func fileTarget(t *testing.T) *target {
 	t.Helper()
 	dir := t.TempDir()
-	st, err := store.NewFile(dir)
+	st, err := file.New(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +121,9 @@ func (tg *target) cfg(t *testing.T, dir string, kv ...string) *Config {
 func (tg *target) run(t *testing.T, dir string, kv ...string) (*Result, *recorder, error) {
 	t.Helper()
 	rec := &recorder{}
-	r := New(tg.cfg(t, dir, kv...), tg.st, Options{Log: testLog(t), Events: rec, PartSize: 1 << 20, RangeThreshold: 3 << 20})
+	r := New(tg.cfg(t, dir, kv...), lifecycle.Deps{Store: tg.st, Log: testLog(t), Events: rec})
+	// Small parts, so that a few MiB exercise the ranged path.
+	r.partSize, r.rangeThreshold = 1<<20, 3<<20
 	res, err := r.Run(context.Background())
 	return res, rec, err
 }

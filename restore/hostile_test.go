@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -147,7 +148,7 @@ func testHostile(t *testing.T, mk func(t *testing.T, prefix string) *target) {
 			}
 			dirBefore := listTree(t, dir)
 			rec := &recorder{}
-			r := New(sub.cfg(t, dir, "RESTORE_IF_MISSING", "fail"), sub.st, Options{Log: testLog(t), Events: rec})
+			r := New(sub.cfg(t, dir, "RESTORE_IF_MISSING", "fail"), lifecycle.Deps{Store: sub.st, Log: testLog(t), Events: rec})
 			_, err := r.Run(ctx)
 			if err == nil || !strings.Contains(err.Error(), hc.want) {
 				t.Fatalf("want an error containing %q, got %v", hc.want, err)
@@ -160,7 +161,7 @@ func testHostile(t *testing.T, mk func(t *testing.T, prefix string) *target) {
 			}
 			// Mirror must refuse links in the way as well.
 			if hc.disk != nil {
-				r := New(sub.cfg(t, dir, "RESTORE_MODE", "mirror"), sub.st, Options{Log: testLog(t), Events: rec})
+				r := New(sub.cfg(t, dir, "RESTORE_MODE", "mirror"), lifecycle.Deps{Store: sub.st, Log: testLog(t), Events: rec})
 				if _, err := r.Run(ctx); err == nil || !strings.Contains(err.Error(), hc.want) {
 					t.Fatalf("mirror: want %q, got %v", hc.want, err)
 				}

@@ -11,6 +11,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
@@ -87,36 +89,23 @@ func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurr
 	}
 	rep := &VerifyReport{Snapshot: m.ID, Files: len(m.Files)}
 	var mu sync.Mutex
-	var wg sync.WaitGroup
-	work := make(chan snapshot.File)
-	var fatal error
-	for range max(1, min(concurrency, len(m.Files))) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for f := range work {
-				reason, err := verifyOne(ctx, st, f, deep)
-				mu.Lock()
-				if err != nil && fatal == nil {
-					fatal = err
-				}
-				if reason != "" {
-					rep.Problems = append(rep.Problems, Problem{Path: f.Path, Reason: reason})
-				}
-				mu.Unlock()
-			}
-		}()
-	}
+	// A check that cannot run is reported, but does not stop the others: the
+	// report still lists every problem found.
+	var g errgroup.Group
+	g.SetLimit(max(1, min(concurrency, len(m.Files))))
 	for _, f := range m.Files {
 		rep.Bytes += f.Size
-		work <- f
+		g.Go(func() error {
+			reason, err := verifyOne(ctx, st, f, deep)
+			if reason != "" {
+				mu.Lock()
+				rep.Problems = append(rep.Problems, Problem{Path: f.Path, Reason: reason})
+				mu.Unlock()
+			}
+			return err
+		})
 	}
-	close(work)
-	wg.Wait()
-	if fatal != nil {
-		return rep, fatal
-	}
-	return rep, nil
+	return rep, g.Wait()
 }
 
 func retry(ctx context.Context, op func(context.Context) error) error {

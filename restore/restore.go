@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -43,47 +44,37 @@ const (
 	defaultRange = 16 << 20
 )
 
-// Options tune a Restorer beyond its configuration.
-type Options struct {
-	Log    *slog.Logger
-	Events events.Recorder
-	// ProgressEvery is the interval of progress log lines (default 2 s).
-	ProgressEvery time.Duration
-	// PartSize is the byte range of one GET of a large file (default 8 MiB);
-	// files of RangeThreshold bytes or more (default 16 MiB) are fetched in
-	// parallel ranges.
-	PartSize       int64
-	RangeThreshold int64
-	Durability     Durability
-}
-
 // Restorer restores one directory from one store.
 type Restorer struct {
-	cfg  *Config
-	st   store.Store
-	o    Options
-	log  *slog.Logger
-	prog progress
+	// Durability is how the restored data is made durable (default SyncFS);
+	// the benchmarks compare both.
+	Durability Durability
+
+	cfg    *Config
+	st     store.Store
+	log    *slog.Logger
+	events events.Recorder
+	// progressEvery is the interval of progress log lines.
+	progressEvery time.Duration
+	// Files of rangeThreshold bytes or more are fetched in parallel ranges of
+	// partSize bytes.
+	partSize, rangeThreshold int64
+	prog                     progress
 }
 
-// New returns a Restorer. cfg must have passed config.Load.
-func New(cfg *Config, st store.Store, o Options) *Restorer {
-	if o.Log == nil {
-		o.Log = slog.Default()
+// New returns a Restorer of cfg's directory from deps.Store. cfg must have
+// passed config.Load.
+func New(cfg *Config, deps lifecycle.Deps) *Restorer {
+	log := deps.Log
+	if log == nil {
+		log = slog.Default()
 	}
-	if o.Events == nil {
-		o.Events = events.Log{L: o.Log}
+	ev := deps.Events
+	if ev == nil {
+		ev = events.Log{L: log}
 	}
-	if o.ProgressEvery <= 0 {
-		o.ProgressEvery = 2 * time.Second
-	}
-	if o.PartSize <= 0 {
-		o.PartSize = defaultPart
-	}
-	if o.RangeThreshold <= 0 {
-		o.RangeThreshold = defaultRange
-	}
-	return &Restorer{cfg: cfg, st: st, o: o, log: o.Log}
+	return &Restorer{cfg: cfg, st: deps.Store, log: log, events: ev,
+		progressEvery: 2 * time.Second, partSize: defaultPart, rangeThreshold: defaultRange}
 }
 
 // Result is what a run did; it is also the content of restored.json.
@@ -112,23 +103,26 @@ func (r *Restorer) Run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	res, err := r.run(ctx, start)
 	if err != nil {
-		r.o.Events.Event(ctx, events.Warning, "RestoreFailed", err.Error())
+		r.events.Event(ctx, events.Warning, "RestoreFailed", err.Error())
 		return res, err
 	}
 	switch res.Outcome {
 	case "restored":
-		r.o.Events.Event(ctx, events.Normal, "Restored", fmt.Sprintf("snapshot %s: %d files, %d bytes (%d files, %d bytes fetched) in %s",
+		r.events.Event(ctx, events.Normal, "Restored", fmt.Sprintf("snapshot %s: %d files, %d bytes (%d files, %d bytes fetched) in %s",
 			res.Snapshot, res.Files, res.Bytes, res.Fetched, res.FetchedBytes, res.Duration.Round(time.Millisecond)))
 	case "no-snapshot":
-		r.o.Events.Event(ctx, events.Normal, "NothingToRestore", "no snapshot in "+r.st.String()+"; starting empty (RESTORE_IF_MISSING=empty)")
+		r.events.Event(ctx, events.Normal, "NothingToRestore", "no snapshot in "+r.st.String()+"; starting empty (RESTORE_IF_MISSING=empty)")
 	case "not-empty":
-		r.o.Events.Event(ctx, events.Normal, "RestoreSkipped", "RESTORE_DIR is not empty (RESTORE_MODE=skip-if-not-empty)")
+		r.events.Event(ctx, events.Normal, "RestoreSkipped", "RESTORE_DIR is not empty (RESTORE_MODE=skip-if-not-empty)")
 	}
 	return res, nil
 }
 
 func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	cfg := r.cfg
+	if r.st == nil {
+		return nil, errors.New("restore: no store in Deps")
+	}
 	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("RESTORE_DIR: %w", err)
 	}
@@ -138,26 +132,66 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	}
 	defer t.Close()
 	stateRel := cfg.stateRel()
-
-	if cfg.Mode == ModeSkipIfNotEmpty || cfg.Mode == ModeFailIfNotEmpty {
-		name, err := firstEntry(cfg.Dir, stateRel)
-		if err != nil {
-			return nil, err
-		}
-		if name != "" {
-			if cfg.Mode == ModeFailIfNotEmpty {
-				return nil, fmt.Errorf("%w (found %q)", ErrNotEmpty, name)
-			}
-			r.log.Info("RESTORE_DIR is not empty, nothing restored (RESTORE_MODE=skip-if-not-empty)", "dir", cfg.Dir, "found", name)
-			return &Result{Outcome: "not-empty", Duration: time.Since(start)}, nil
-		}
+	if res, err := r.skipNotEmpty(stateRel, start); res != nil || err != nil {
+		return res, err
 	}
+	m, err := r.manifest(ctx, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	if m == nil {
+		return &Result{Outcome: "no-snapshot", Duration: time.Since(start)}, nil
+	}
+	state, err := r.openState(t, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(state.dir)
+	defer unix.Close(state.tmp)
+	p, err := r.plan(t, m, stateRel)
+	if err != nil {
+		return nil, err
+	}
+	r.log.Info("plan", "snapshot", m.ID, "created", m.Created, "files", len(m.Files),
+		"fetch_files", len(p.fetch), "fetch_bytes", p.fetchBytes, "skip_files", p.skip, "skip_bytes", p.skipBytes,
+		"fix_metadata", len(p.fix), "remove", len(p.remove))
+	if err := checkSpace(t.root, p.fetchBytes); err != nil {
+		return nil, err
+	}
+	syncTime, err := r.apply(ctx, t, state, p)
+	if err != nil {
+		return nil, err
+	}
+	return r.finish(state, m, p, start, syncTime)
+}
 
+// skipNotEmpty applies RESTORE_MODE=skip-if-not-empty and fail-if-not-empty:
+// a result or an error when the directory holds anything but the state dir.
+func (r *Restorer) skipNotEmpty(stateRel string, start time.Time) (*Result, error) {
+	cfg := r.cfg
+	if cfg.Mode != ModeSkipIfNotEmpty && cfg.Mode != ModeFailIfNotEmpty {
+		return nil, nil
+	}
+	name, err := firstEntry(cfg.Dir, stateRel)
+	if err != nil || name == "" {
+		return nil, err
+	}
+	if cfg.Mode == ModeFailIfNotEmpty {
+		return nil, fmt.Errorf("%w (found %q)", ErrNotEmpty, name)
+	}
+	r.log.Info("RESTORE_DIR is not empty, nothing restored (RESTORE_MODE=skip-if-not-empty)", "dir", cfg.Dir, "found", name)
+	return &Result{Outcome: "not-empty", Duration: time.Since(start)}, nil
+}
+
+// manifest finds and loads the snapshot to restore; nil without an error
+// means there is none and RESTORE_IF_MISSING=empty allows that.
+func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Manifest, error) {
+	cfg := r.cfg
 	info, err := snapshot.Resolve(ctx, r.st, cfg.Snapshot)
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
 		if cfg.IfMissing == IfMissingEmpty {
 			r.log.Info("no snapshot to restore; starting empty (RESTORE_IF_MISSING=empty)", "store", r.st.String(), "snapshot", cfg.Snapshot, "why", err.Error())
-			return &Result{Outcome: "no-snapshot", Duration: time.Since(start)}, nil
+			return nil, nil
 		}
 		return nil, fmt.Errorf("RESTORE_IF_MISSING=fail: %w in %s (RESTORE_SNAPSHOT=%s)", err, r.st, cfg.Snapshot)
 	}
@@ -175,49 +209,39 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 			}
 		}
 	}
+	return m, nil
+}
 
-	state, err := r.openState(t, stateRel)
-	if err != nil {
-		return nil, err
-	}
-	defer unix.Close(state.dir)
-	defer unix.Close(state.tmp)
-
-	p, err := r.plan(t, m, stateRel)
-	if err != nil {
-		return nil, err
-	}
-	r.log.Info("plan", "snapshot", m.ID, "created", m.Created, "files", len(m.Files),
-		"fetch_files", len(p.fetch), "fetch_bytes", p.fetchBytes, "skip_files", p.skip, "skip_bytes", p.skipBytes,
-		"fix_metadata", len(p.fix), "remove", len(p.remove))
-	if err := checkSpace(t.root, p.fetchBytes); err != nil {
-		return nil, err
-	}
-
+// apply changes the directory to match the plan and makes it durable; it
+// returns how long making it durable took.
+func (r *Restorer) apply(ctx context.Context, t *tree, state stateDirs, p *plan) (time.Duration, error) {
 	// From here on the directory changes: restored.json must not claim a
 	// snapshot that is only half there.
 	if err := unlinkIgnoreMissing(state.dir, ResultName); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
+		return 0, fmt.Errorf("state dir: %w", err)
 	}
 	for _, rm := range p.remove {
 		if err := t.remove(rm.path, rm.dir); err != nil {
-			return nil, err
+			return 0, err
 		}
 	}
 	for _, f := range p.fix {
 		if err := t.setMeta(f.Path, os.FileMode(f.Mode), f.MTime); err != nil {
-			return nil, err
+			return 0, err
 		}
 	}
 	if err := r.fetchAll(ctx, t, state.tmp, p); err != nil {
-		return nil, err
+		return 0, err
 	}
 	fetched := time.Now()
 	if err := r.makeDurable(t, state.tmp); err != nil {
-		return nil, err
+		return 0, err
 	}
-	syncTime := time.Since(fetched)
+	return time.Since(fetched), nil
+}
 
+// finish writes restored.json and logs the outcome.
+func (r *Restorer) finish(state stateDirs, m *snapshot.Manifest, p *plan, start time.Time, syncTime time.Duration) (*Result, error) {
 	var total int64
 	for _, f := range m.Files {
 		total += f.Size
@@ -405,100 +429,139 @@ func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, 
 	if err != nil {
 		return nil, err
 	}
-	mirror := r.cfg.Mode == ModeMirror
-	p := &plan{}
-	neededDirs := map[string]bool{}
-	removeSet := map[string]bool{}
+	pl := &planner{r: r, m: m, local: local, mirror: r.cfg.Mode == ModeMirror,
+		needed: neededDirs(m), remove: map[string]bool{}, p: &plan{}}
+	if err := pl.dirs(); err != nil {
+		return nil, err
+	}
 	for _, f := range m.Files {
-		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
-			if neededDirs[d] {
-				break
-			}
-			neededDirs[d] = true
+		if err := pl.file(f); err != nil {
+			return nil, err
 		}
 	}
-	for d := range neededDirs {
-		e, ok := local[d]
+	if pl.mirror {
+		pl.extras()
+	}
+	return pl.p, nil
+}
+
+// planner is the state of one plan: what the snapshot needs, what the disk
+// has, and what is already marked for removal.
+type planner struct {
+	r      *Restorer
+	m      *snapshot.Manifest
+	local  map[string]localEntry
+	mirror bool
+	needed map[string]bool // directories above the snapshot's files
+	remove map[string]bool
+	p      *plan
+}
+
+func neededDirs(m *snapshot.Manifest) map[string]bool {
+	needed := map[string]bool{}
+	for _, f := range m.Files {
+		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
+			if needed[d] {
+				break
+			}
+			needed[d] = true
+		}
+	}
+	return needed
+}
+
+// dirs checks what is on disk where the snapshot needs directories.
+func (pl *planner) dirs() error {
+	for d := range pl.needed {
+		e, ok := pl.local[d]
 		switch {
 		case !ok || e.mode.IsDir():
 		case e.mode&fs.ModeSymlink != 0:
-			return nil, &LinkError{Path: firstUnder(m, d), Link: d}
-		case mirror:
-			removeSet[d] = true
+			return &LinkError{Path: firstUnder(pl.m, d), Link: d}
+		case pl.mirror:
+			pl.remove[d] = true
 		default:
-			return nil, &ConflictError{Path: firstUnder(m, d), Reason: fmt.Sprintf("%q on disk is a file, the snapshot needs a directory there", d)}
+			return &ConflictError{Path: firstUnder(pl.m, d), Reason: fmt.Sprintf("%q on disk is a file, the snapshot needs a directory there", d)}
 		}
 	}
-	for _, f := range m.Files {
-		e, ok := local[f.Path]
-		switch {
-		case !ok:
-		case e.mode&fs.ModeSymlink != 0:
-			return nil, &LinkError{Path: f.Path, Link: f.Path}
-		case e.mode.IsDir():
-			if !mirror {
-				return nil, &ConflictError{Path: f.Path, Reason: "a directory is in the way of the file"}
-			}
-			removeSet[f.Path] = true
-			ok = false
-		case !e.mode.IsRegular():
-			if !mirror {
-				return nil, &ConflictError{Path: f.Path, Reason: "a special file is in the way"}
-			}
-			removeSet[f.Path] = true
-			ok = false
+	return nil
+}
+
+// file decides whether f is fetched, only gets its mode and mtime fixed, or
+// is already there.
+func (pl *planner) file(f snapshot.File) error {
+	p := pl.p
+	e, ok := pl.local[f.Path]
+	switch {
+	case !ok:
+	case e.mode&fs.ModeSymlink != 0:
+		return &LinkError{Path: f.Path, Link: f.Path}
+	case e.mode.IsDir():
+		if !pl.mirror {
+			return &ConflictError{Path: f.Path, Reason: "a directory is in the way of the file"}
 		}
-		if !ok || removeSet[f.Path] {
-			p.fetch = append(p.fetch, f)
-			p.fetchBytes += f.Size
+		pl.remove[f.Path] = true
+		ok = false
+	case !e.mode.IsRegular():
+		if !pl.mirror {
+			return &ConflictError{Path: f.Path, Reason: "a special file is in the way"}
+		}
+		pl.remove[f.Path] = true
+		ok = false
+	}
+	if !ok || pl.remove[f.Path] {
+		p.fetch = append(p.fetch, f)
+		p.fetchBytes += f.Size
+		return nil
+	}
+	same, metaOK, err := pl.r.compare(f, e)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !same:
+		p.fetch = append(p.fetch, f)
+		p.fetchBytes += f.Size
+	case !metaOK:
+		p.fix = append(p.fix, f)
+		p.skip++
+		p.skipBytes += f.Size
+	default:
+		p.skip++
+		p.skipBytes += f.Size
+	}
+	return nil
+}
+
+// extras marks for removal, under mirror, everything on disk the snapshot
+// lacks, deepest first.
+func (pl *planner) extras() {
+	inSnap := make(map[string]bool, len(pl.m.Files))
+	for _, f := range pl.m.Files {
+		inSnap[f.Path] = true
+	}
+	for rel, e := range pl.local {
+		if e.mode.IsDir() && !pl.remove[rel] {
+			if !pl.needed[rel] {
+				pl.remove[rel] = true
+			}
 			continue
 		}
-		same, metaOK, err := r.compare(f, e)
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case !same:
-			p.fetch = append(p.fetch, f)
-			p.fetchBytes += f.Size
-		case !metaOK:
-			p.fix = append(p.fix, f)
-			p.skip++
-			p.skipBytes += f.Size
-		default:
-			p.skip++
-			p.skipBytes += f.Size
+		if !inSnap[rel] && !pl.remove[rel] {
+			pl.remove[rel] = true
 		}
 	}
-	if mirror {
-		inSnap := make(map[string]bool, len(m.Files))
-		for _, f := range m.Files {
-			inSnap[f.Path] = true
-		}
-		for rel, e := range local {
-			if e.mode.IsDir() && !removeSet[rel] {
-				if !neededDirs[rel] {
-					removeSet[rel] = true
-				}
-				continue
-			}
-			if !inSnap[rel] && !removeSet[rel] {
-				removeSet[rel] = true
-			}
-		}
-		// Removing a directory that is in the way means removing its content
-		// first; everything below it is extra by construction, so it is in the set.
-		for rel := range removeSet {
-			p.remove = append(p.remove, removal{path: rel, dir: local[rel].mode.IsDir()})
-		}
-		slices.SortFunc(p.remove, func(a, b removal) int {
-			if da, db := strings.Count(a.path, "/"), strings.Count(b.path, "/"); da != db {
-				return db - da
-			}
-			return strings.Compare(a.path, b.path)
-		})
+	// Removing a directory that is in the way means removing its content
+	// first; everything below it is extra by construction, so it is in the set.
+	for rel := range pl.remove {
+		pl.p.remove = append(pl.p.remove, removal{path: rel, dir: pl.local[rel].mode.IsDir()})
 	}
-	return p, nil
+	slices.SortFunc(pl.p.remove, func(a, b removal) int {
+		if da, db := strings.Count(a.path, "/"), strings.Count(b.path, "/"); da != db {
+			return db - da
+		}
+		return strings.Compare(a.path, b.path)
+	})
 }
 
 func firstUnder(m *snapshot.Manifest, dir string) string {
@@ -548,7 +611,7 @@ func (r *Restorer) makeDurable(t *tree, tmp int) error {
 	// Without small files every fetched file was fsynced already: only the
 	// directories that received renames are left, which is cheaper than a
 	// syncfs of a filesystem other writers share.
-	if r.o.Durability == FsyncEach || r.prog.smallFetched.Load() == 0 {
+	if r.Durability == FsyncEach || r.prog.smallFetched.Load() == 0 {
 		for _, fd := range t.openedDirs() {
 			if err := unix.Fsync(fd); err != nil {
 				return fmt.Errorf("fsync directory: %w", err)
@@ -626,7 +689,7 @@ func (r *Restorer) logProgress(ctx context.Context, start time.Time) func() {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		tick := time.NewTicker(r.o.ProgressEvery)
+		tick := time.NewTicker(r.progressEvery)
 		defer tick.Stop()
 		for {
 			select {

@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	s3types "github.com/aws/aws-sdk-go-v2/service/s3/types"
 
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -95,7 +96,8 @@ func testRoundTrip(t *testing.T, tg *target) {
 	}
 	// Durability mode FsyncEach gives the same result.
 	dir2 := filepath.Join(t.TempDir(), "data")
-	r := New(tg.cfg(t, dir2), tg.st, Options{Log: testLog(t), Durability: FsyncEach})
+	r := New(tg.cfg(t, dir2), lifecycle.Deps{Store: tg.st, Log: testLog(t)})
+	r.Durability = FsyncEach
 	if _, err := r.Run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -413,7 +415,8 @@ func testOutage(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 	})
 	done := make(chan error, 1)
 	logs := &syncBuffer{}
-	r := New(tg.cfg(t, dir), tg.st, Options{Log: slog.New(slog.NewTextHandler(logs, nil)), ProgressEvery: 30 * time.Millisecond})
+	r := New(tg.cfg(t, dir), lifecycle.Deps{Store: tg.st, Log: slog.New(slog.NewTextHandler(logs, nil))})
+	r.progressEvery = 30 * time.Millisecond
 	go func() { _, err := r.Run(context.Background()); done <- err }()
 	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 		if n := proxy.Count("GET"); n < 3*len(files) {

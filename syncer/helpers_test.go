@@ -34,6 +34,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 

@@ -24,13 +24,12 @@ import (
 )
 
 // Multipart tuning of the syncer's uploads: files from multipartThreshold on
-// go up resumably in parts of partSize, partConcurrency of them at a time.
-// They are the syncer's own so that they do not depend on a backend's
-// defaults.
+// go up resumably in parts of partSize, partConcurrency of them at a time
+// (the kit's defaults, the same the S3 backend's Put uses).
 const (
-	multipartThreshold = 16 << 20
-	partSize           = 16 << 20
-	partConcurrency    = 8
+	multipartThreshold = store.DefaultMultipartThreshold
+	partSize           = store.DefaultPartSize
+	partConcurrency    = store.DefaultPartConcurrency
 )
 
 // copyBufs recycles hashing buffers: a backfill of small files would

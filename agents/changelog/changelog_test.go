@@ -11,6 +11,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -88,7 +89,9 @@ func fold(bs []*Batch) State {
 	return s
 }
 
-func sameFile(a, b snapshot.File) bool { return a.Path == b.Path && a.SHA256 == b.SHA256 && a.MTime.Equal(b.MTime) }
+func sameFile(a, b snapshot.File) bool {
+	return a.Path == b.Path && a.SHA256 == b.SHA256 && a.MTime.Equal(b.MTime)
+}
 
 func TestRule(t *testing.T) {
 	s := State{}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/store"
+	"github.com/podkeeper/podkeeper/agents/store/file"
 )
 
 const sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -142,7 +143,7 @@ func TestIDs(t *testing.T) {
 
 func TestResolve(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.NewFile(t.TempDir())
+	st, err := file.New(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,5 +1,8 @@
 // Package store is the storage seam every agent uses: a small object-store
-// interface with an S3 backend and a local-directory backend.
+// interface, optional capabilities (Multiparter), and Open, which picks the
+// backend STORE_URL names among those registered. The backends live in
+// subpackages (s3, file) so that an agent without a store does not link the
+// AWS SDK; a binary that opens stores imports agents/store/backends.
 //
 // Keys are relative to the store's root (the PREFIX of s3://BUCKET/PREFIX or the
 // directory of file:///PATH) and always use '/'. Bodies are streams, never whole
@@ -69,20 +72,6 @@ type HeadOptions struct {
 	// VersionID describes a specific object version (S3 versioned buckets);
 	// backends without versions ignore it and describe the current object.
 	VersionID string
-}
-
-// Multiparter is the optional ability to upload a large file in parts that
-// survive a restart of the uploader (S3 multipart uploads). Callers discover
-// it with a type assertion on this interface, never on a backend's type, and
-// fall back to Put when a store lacks it.
-type Multiparter interface {
-	// UploadFileResumable uploads size bytes of f to key. j carries the state of
-	// an earlier attempt; parts the server still has are reused.
-	UploadFileResumable(ctx context.Context, key string, f io.ReaderAt, size int64, j *MultipartJournal, o MultipartOptions) (ObjectInfo, error)
-	// ListMultipartUploads lists the unfinished uploads under prefix.
-	ListMultipartUploads(ctx context.Context, prefix string) ([]MultipartUpload, error)
-	// AbortMultipart aborts an upload; one already gone is not an error.
-	AbortMultipart(ctx context.Context, key, uploadID string) error
 }
 
 // ObjectInfo describes one object.

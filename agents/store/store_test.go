@@ -2,108 +2,84 @@ package store_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 
+	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/agents/store/storetest"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
-// TestConformance runs one suite against every backend; the subtest names
-// (file, versitygw, minio) say which backend passed.
+// TestConformance runs one suite against every backend, opened the way the
+// agents open them; the subtest names (file, versitygw, minio) say which
+// backend passed.
 func TestConformance(t *testing.T) {
 	t.Run("file", func(t *testing.T) {
 		t.Parallel()
-		storetest.Run(t, func(t *testing.T) store.Store {
-			s, err := store.NewFile(t.TempDir())
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s
-		}, 0)
+		storetest.Run(t, storetest.Backend{New: func(t *testing.T) store.Store {
+			dir := t.TempDir()
+			return open(t, &config.Store{URL: "file://" + dir, Scheme: "file", Path: dir})
+		}})
 	})
 	for _, kind := range peers.S3Kinds {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
 			srv := peers.StartS3(t, kind)
+			// Every request goes through a proxy: the Multiparter checks refuse
+			// parts and count them there.
+			proxy := peers.NewCountingProxy(t, srv.Endpoint)
 			var n atomic.Int64
-			storetest.Run(t, func(t *testing.T) store.Store {
-				prefix := fmt.Sprintf("conformance/%d-%s", n.Add(1), strings.ReplaceAll(t.Name(), "/", "_"))
-				s, err := store.NewS3(context.Background(), srv.StoreConfig(t, prefix), store.S3Options{MultipartThreshold: 5 << 20, PartSize: 5 << 20})
-				if err != nil {
-					t.Fatal(err)
-				}
-				return s
-			}, 5<<20)
+			storetest.Run(t, storetest.Backend{
+				New: func(t *testing.T) store.Store {
+					prefix := fmt.Sprintf("conformance/%d-%s", n.Add(1), strings.ReplaceAll(t.Name(), "/", "_"))
+					cfg := srv.StoreConfig(t, prefix)
+					cfg.S3Endpoint = proxy.URL
+					return open(t, cfg)
+				},
+				MultipartThreshold: store.DefaultMultipartThreshold,
+				Wire:               proxyWire{proxy},
+			})
 		})
 	}
 }
 
-// TestS3OutageIsRetryable: a server that is down yields retryable errors (the
-// agents' backoff loops rely on it), and the same store works once it is back.
-func TestS3OutageIsRetryable(t *testing.T) {
-	srv := peers.StartS3(t, "versitygw")
-	ctx := context.Background()
-	s, err := store.NewS3(ctx, srv.StoreConfig(t, "outage"), store.S3Options{})
+func open(t *testing.T, c *config.Store) store.Store {
+	t.Helper()
+	s, err := store.Open(context.Background(), c, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Put(ctx, "k", strings.NewReader("v"), 1, store.PutOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	srv.Stop()
-	_, err = s.Head(ctx, "k", store.HeadOptions{})
-	if err == nil || !store.IsRetryable(err) {
-		t.Fatalf("head during outage: retryable=%v err=%v", store.IsRetryable(err), err)
-	}
-	if _, err := s.Put(ctx, "k2", strings.NewReader("v"), 1, store.PutOptions{}); !store.IsRetryable(err) {
-		t.Fatalf("put during outage: %v", err)
-	}
-	srv.Restart(t)
-	if _, err := s.Head(ctx, "k", store.HeadOptions{}); err != nil {
-		t.Fatalf("after restart: %v", err)
-	}
-	// A permanent error is not retryable: wrong credentials.
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-key")
-	bad, err := store.NewS3(ctx, srv.StoreConfig(t, "outage"), store.S3Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bad.Head(ctx, "k", store.HeadOptions{}); err == nil || store.IsRetryable(err) || errors.Is(err, store.ErrNotExist) {
-		t.Fatalf("bad credentials: retryable=%v err=%v", store.IsRetryable(err), err)
-	}
+	return s
 }
 
-// TestS3CustomCA: S3_CA_FILE makes an HTTPS endpoint signed by a private CA
-// trusted, and without it the same endpoint is refused (a permanent error).
-func TestS3CustomCA(t *testing.T) {
-	srv, _ := peers.StartS3TLS(t)
-	ctx := context.Background()
-	cfg := srv.StoreConfig(t, "tls")
-	if cfg.S3CAFile == "" || !strings.HasPrefix(cfg.S3Endpoint, "https://") {
-		t.Fatalf("TLS peer config: %+v", cfg)
+// proxyWire is storetest.Wire on a peers.CountingProxy.
+type proxyWire struct{ p *peers.CountingProxy }
+
+func (w proxyWire) RefuseParts(from int) {
+	if from == 0 {
+		w.p.FailWith(0, nil)
+		return
 	}
-	s, err := store.NewS3(ctx, cfg, store.S3Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Put(ctx, "k", strings.NewReader("v"), 1, store.PutOptions{}); err != nil {
-		t.Fatalf("put over TLS with S3_CA_FILE: %v", err)
-	}
-	cfg.S3CAFile = ""
-	untrusting, err := store.NewS3(ctx, cfg, store.S3Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = untrusting.Head(ctx, "k", store.HeadOptions{})
-	if err == nil {
-		t.Fatal("an unknown CA was trusted without S3_CA_FILE")
-	}
-	if store.IsRetryable(err) {
-		t.Fatalf("a certificate error must be permanent, not retried forever: %v", err)
+	w.p.FailWith(http.StatusServiceUnavailable, func(r *http.Request) bool {
+		n, err := strconv.Atoi(r.URL.Query().Get("partNumber"))
+		return err == nil && n >= from
+	})
+}
+
+func (w proxyWire) ResetCounts()     { w.p.Reset() }
+func (w proxyWire) PartUploads() int { return w.p.Count("PUT-part") }
+
+// TestOpenUnlinkedScheme: a binary without the backend says so instead of
+// guessing.
+func TestOpenUnlinkedScheme(t *testing.T) {
+	_, err := store.Open(context.Background(), &config.Store{URL: "gs://b/p", Scheme: "gs"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "gs://") {
+		t.Fatalf("unregistered scheme: %v", err)
 	}
 }

@@ -22,7 +22,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/podkeeper/podkeeper/agents/snapshot"
-	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -60,102 +59,6 @@ func runBin(t *testing.T, env []string, args ...string) (int, string, string) {
 		t.Fatal(err)
 	}
 	return 0, out.String(), errb.String()
-}
-
-// Every bad value is reported at once, naming the variable, with exit code 2.
-func TestConfigErrors(t *testing.T) {
-	code, _, stderr := runBin(t, []string{"RESTORE_DIR=relative/dir", "STORE_URL=file:///tmp/x", "RESTORE_CONCURRENCY=0",
-		"RESTORE_SNAPSHOT=yesterday", "RESTORE_MODE=overwrite", "RESTORE_IF_MISSING=maybe", "RESTORE_VERIFY=perhaps", "RESTORE_STATE_DIR=state"})
-	if code != 2 {
-		t.Fatalf("exit %d: %s", code, stderr)
-	}
-	for _, v := range []string{"RESTORE_DIR", "RESTORE_CONCURRENCY", "RESTORE_SNAPSHOT", "RESTORE_MODE", "RESTORE_IF_MISSING", "RESTORE_VERIFY", "RESTORE_STATE_DIR", `"yesterday"`} {
-		if !strings.Contains(stderr, v) {
-			t.Errorf("stderr lacks %s:\n%s", v, stderr)
-		}
-	}
-	code, _, stderr = runBin(t, []string{"STORE_URL=file:///tmp/x"})
-	if code != 2 || !strings.Contains(stderr, "RESTORE_DIR") {
-		t.Errorf("missing RESTORE_DIR: exit %d %s", code, stderr)
-	}
-	code, _, stderr = runBin(t, []string{"RESTORE_CONCURRENCY=-1"}, "list")
-	if code != 2 || !strings.Contains(stderr, "STORE_URL") || !strings.Contains(stderr, "RESTORE_CONCURRENCY") {
-		t.Errorf("list without STORE_URL: exit %d %s", code, stderr)
-	}
-	code, _, stderr = runBin(t, []string{"STORE_URL=file://" + t.TempDir()}, "verify", "not-an-id")
-	if code != 1 || !strings.Contains(stderr, "not-an-id") {
-		t.Errorf("verify bad id: exit %d %s", code, stderr)
-	}
-	code, out, _ := runBin(t, nil, "verify", "--help")
-	if code != 0 || !strings.Contains(out, "--deep") {
-		t.Errorf("verify --help: exit %d %s", code, out)
-	}
-}
-
-// Exit codes on a file:// store: 0 with no snapshot under empty, 1 under fail,
-// 0 after a restore; list and verify print what they found.
-func TestExitCodesAndSubcommands(t *testing.T) {
-	storeDir := t.TempDir()
-	dir := filepath.Join(t.TempDir(), "data")
-	env := []string{"STORE_URL=file://" + storeDir, "RESTORE_DIR=" + dir}
-	if code, _, stderr := runBin(t, env); code != 0 || !strings.Contains(stderr, "no snapshot") {
-		t.Fatalf("empty store: exit %d %s", code, stderr)
-	}
-	if code, _, stderr := runBin(t, append(env, "RESTORE_IF_MISSING=fail")); code != 1 || !strings.Contains(stderr, "RESTORE_IF_MISSING=fail") {
-		t.Fatalf("empty store, fail: exit %d %s", code, stderr)
-	}
-	// A snapshot written by hand through the file store layout.
-	srv := &fileSnap{t: t, dir: storeDir}
-	id := srv.put(map[string]string{"a.txt": "alpha", "d/b.txt": "beta"})
-	code, _, stderr := runBin(t, env)
-	if code != 0 || !strings.Contains(stderr, `"msg":"restored"`) {
-		t.Fatalf("restore: exit %d %s", code, stderr)
-	}
-	if b, _ := os.ReadFile(filepath.Join(dir, "d/b.txt")); string(b) != "beta" {
-		t.Errorf("d/b.txt = %q", b)
-	}
-	code, out, _ := runBin(t, env, "list")
-	if code != 0 || !strings.Contains(out, id) || !strings.Contains(out, "FILES") {
-		t.Errorf("list: exit %d\n%s", code, out)
-	}
-	code, out, _ = runBin(t, env, "verify", "--deep", id)
-	if code != 0 || !strings.Contains(out, "all 2 files") {
-		t.Errorf("verify: exit %d\n%s", code, out)
-	}
-	os.WriteFile(filepath.Join(storeDir, "data", "d", "b.txt"), []byte("BETA"), 0o644)
-	code, out, _ = runBin(t, env, "verify", "--deep")
-	if code != 1 || !strings.Contains(out, "BAD  d/b.txt") {
-		t.Errorf("verify after damage: exit %d\n%s", code, out)
-	}
-	// A restore of the damaged object fails with exit 1 and names the file.
-	os.Remove(filepath.Join(dir, "d/b.txt"))
-	code, _, stderr = runBin(t, env)
-	if code != 1 || !strings.Contains(stderr, `\"d/b.txt\"`) || !strings.Contains(stderr, "changed after the snapshot") {
-		t.Errorf("damaged restore: exit %d %s", code, stderr)
-	}
-}
-
-type fileSnap struct {
-	t   *testing.T
-	dir string
-}
-
-// put writes a snapshot with the restore binary's sibling layout by using the
-// snapshot package on a file store (no server).
-func (f *fileSnap) put(files map[string]string) string {
-	f.t.Helper()
-	st := openFileStore(f.t, f.dir)
-	m := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(time.Now(), "t"), Created: time.Now().UTC(), Files: []snapshot.File{}}
-	for p, data := range files {
-		h := sha256.Sum256([]byte(data))
-		sf := snapshot.File{Path: p, Size: int64(len(data)), SHA256: hex.EncodeToString(h[:]), MTime: time.Unix(1700000000, 42), Mode: 0o644}
-		putObject(f.t, st, snapshot.DataKey(p), []byte(data), sf.Metadata())
-		m.Files = append(m.Files, sf)
-	}
-	if _, err := snapshot.Write(context.Background(), st, m); err != nil {
-		f.t.Fatal(err)
-	}
-	return m.ID
 }
 
 // SIGKILL in the middle of a restore, then a rerun: it finishes, fetches only
@@ -357,22 +260,6 @@ func putS3Snapshot(t *testing.T, srv *peers.S3Server, prefix string, files map[s
 		t.Fatal(err)
 	}
 	if _, err := c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/" + snapshot.Key(m.ID, true)), Body: bytes.NewReader(buf.Bytes())}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func openFileStore(t *testing.T, dir string) store.Store {
-	t.Helper()
-	st, err := store.NewFile(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st
-}
-
-func putObject(t *testing.T, st store.Store, key string, data []byte, meta map[string]string) {
-	t.Helper()
-	if _, err := st.Put(context.Background(), key, bytes.NewReader(data), int64(len(data)), store.PutOptions{Metadata: meta}); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/syncer"
 )
 

@@ -13,6 +13,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 )
 
 func main() {

@@ -12,6 +12,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 )
 
 func main() {

@@ -1,4 +1,6 @@
-package store
+// Package file is the file:// store backend: objects as plain files under a
+// directory.
+package file
 
 import (
 	"context"
@@ -11,6 +13,7 @@ import (
 	"io"
 	"io/fs"
 	"iter"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,17 +21,30 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/store"
 )
+
+func init() {
+	store.Register("file", func(_ context.Context, c *config.Store, _ *slog.Logger) (store.Store, error) {
+		s, err := New(c.Path)
+		if err != nil {
+			return nil, err // not a typed nil inside the interface
+		}
+		return s, nil
+	})
+}
 
 // fileInternal is the backend's own folder inside its root; keys under it are refused.
 const fileInternal = ".podkeeper-store"
 
-// FileStore keeps objects as plain files under a directory, so a file:// store is
+// Store keeps objects as plain files under a directory, so a file:// store is
 // browsable with ls. Metadata lives beside the data in a parallel tree under
 // .podkeeper-store/meta, writes are atomic (temp + fsync + rename) and
 // conditional writes are checked under a lock (in-process mutex + flock, so two
 // processes sharing the directory agree too).
-type FileStore struct {
+type Store struct {
 	root string
 	mu   sync.Mutex
 }
@@ -41,35 +57,35 @@ type fileMeta struct {
 	ModTime     time.Time         `json:"mtime"`
 }
 
-// NewFile opens (creating if needed) a file store rooted at dir.
-func NewFile(dir string) (*FileStore, error) {
+// New opens (creating if needed) a file store rooted at dir.
+func New(dir string) (*Store, error) {
 	if !filepath.IsAbs(dir) {
 		return nil, fmt.Errorf("file store: %q is not an absolute path", dir)
 	}
 	for _, d := range []string{dir, filepath.Join(dir, fileInternal, "tmp"), filepath.Join(dir, fileInternal, "meta")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, &Error{Op: "open", Err: err}
+			return nil, &store.Error{Op: "open", Err: err}
 		}
 	}
-	return &FileStore{root: dir}, nil
+	return &Store{root: dir}, nil
 }
 
-func (s *FileStore) String() string { return "file://" + s.root }
+func (s *Store) String() string { return "file://" + s.root }
 
-func (s *FileStore) check(op, key string) error {
-	if err := ValidKey(key); err != nil {
-		return &Error{Op: op, Key: key, Err: err}
+func (s *Store) check(op, key string) error {
+	if err := store.ValidKey(key); err != nil {
+		return &store.Error{Op: op, Key: key, Err: err}
 	}
 	if key == fileInternal || strings.HasPrefix(key, fileInternal+"/") {
-		return &Error{Op: op, Key: key, Err: fmt.Errorf("keys under %s/ are reserved by the file store", fileInternal)}
+		return &store.Error{Op: op, Key: key, Err: fmt.Errorf("keys under %s/ are reserved by the file store", fileInternal)}
 	}
 	return nil
 }
 
-func (s *FileStore) dataPath(key string) string {
+func (s *Store) dataPath(key string) string {
 	return filepath.Join(s.root, filepath.FromSlash(key))
 }
-func (s *FileStore) metaPath(key string) string {
+func (s *Store) metaPath(key string) string {
 	return filepath.Join(s.root, fileInternal, "meta", filepath.FromSlash(key)+".json")
 }
 
@@ -77,20 +93,20 @@ func (s *FileStore) metaPath(key string) string {
 // the ones a full or busy disk gives, which may clear.
 func fsErr(op, key string, err error) error {
 	if errors.Is(err, fs.ErrNotExist) {
-		return &Error{Op: op, Key: key, Err: ErrNotExist}
+		return &store.Error{Op: op, Key: key, Err: store.ErrNotExist}
 	}
 	retry := errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EBUSY)
-	return &Error{Op: op, Key: key, Err: err, Retryable: retry}
+	return &store.Error{Op: op, Key: key, Err: err, Retryable: retry}
 }
 
-func (s *FileStore) Put(ctx context.Context, key string, r io.Reader, size int64, opts PutOptions) (ObjectInfo, error) {
+func (s *Store) Put(ctx context.Context, key string, r io.Reader, size int64, opts store.PutOptions) (store.ObjectInfo, error) {
 	if err := s.check("put", key); err != nil {
-		return ObjectInfo{}, err
+		return store.ObjectInfo{}, err
 	}
 	tmpDir := filepath.Join(s.root, fileInternal, "tmp")
 	data, err := os.CreateTemp(tmpDir, "put-*")
 	if err != nil {
-		return ObjectInfo{}, fsErr("put", key, err)
+		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
 	defer os.Remove(data.Name()) // a no-op after the rename
 	h := md5.New()
@@ -105,88 +121,97 @@ func (s *FileStore) Put(ctx context.Context, key string, r io.Reader, size int64
 		err = cerr
 	}
 	if err != nil {
-		return ObjectInfo{}, fsErr("put", key, err)
+		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
 	meta := fileMeta{Size: n, ETag: etagOf(h), ContentType: opts.ContentType, Metadata: opts.Metadata, ModTime: time.Now().UTC()}
 	metaTmp, err := writeTempJSON(tmpDir, meta)
 	if err != nil {
-		return ObjectInfo{}, fsErr("put", key, err)
+		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
 	defer os.Remove(metaTmp)
 
 	unlock, err := s.lock()
 	if err != nil {
-		return ObjectInfo{}, fsErr("put", key, err)
+		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
 	defer unlock()
-	if opts.IfNoneMatch || opts.IfMatch != "" {
-		cur, err := s.headLocked(key)
-		switch {
-		case err == nil && opts.IfNoneMatch:
-			return ObjectInfo{}, &Error{Op: "put", Key: key, Err: fmt.Errorf("%w: object exists (If-None-Match: *)", ErrPrecondition)}
-		case err == nil && opts.IfMatch != cur.ETag:
-			return ObjectInfo{}, &Error{Op: "put", Key: key, Err: fmt.Errorf("%w: etag is %s, not %s", ErrPrecondition, cur.ETag, opts.IfMatch)}
-		case err != nil && !errors.Is(err, ErrNotExist):
-			return ObjectInfo{}, err
-		case err != nil && opts.IfMatch != "":
-			return ObjectInfo{}, &Error{Op: "put", Key: key, Err: fmt.Errorf("%w: object does not exist (If-Match)", ErrPrecondition)}
-		}
+	if err := s.checkPrecondition(key, opts); err != nil {
+		return store.ObjectInfo{}, err
 	}
 	dst := s.dataPath(key)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return ObjectInfo{}, s.clash("put", key, err)
+		return store.ObjectInfo{}, s.clash("put", key, err)
 	}
 	if err := os.MkdirAll(filepath.Dir(s.metaPath(key)), 0o755); err != nil {
-		return ObjectInfo{}, s.clash("put", key, err)
+		return store.ObjectInfo{}, s.clash("put", key, err)
 	}
 	// Data first: a crash between the renames leaves data without fresh metadata,
 	// which Head detects by size/mtime and recomputes, never metadata without data.
 	if err := os.Rename(data.Name(), dst); err != nil {
-		return ObjectInfo{}, s.clash("put", key, err)
+		return store.ObjectInfo{}, s.clash("put", key, err)
 	}
 	if err := os.Rename(metaTmp, s.metaPath(key)); err != nil {
-		return ObjectInfo{}, fsErr("put", key, err)
+		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
 	syncDir(filepath.Dir(dst))
 	syncDir(filepath.Dir(s.metaPath(key)))
-	return ObjectInfo{Key: key, Size: n, ETag: meta.ETag, ModTime: meta.ModTime, Metadata: meta.Metadata}, nil
+	return store.ObjectInfo{Key: key, Size: n, ETag: meta.ETag, ModTime: meta.ModTime, Metadata: meta.Metadata}, nil
+}
+
+// checkPrecondition evaluates IfNoneMatch/IfMatch; the caller holds the lock.
+func (s *Store) checkPrecondition(key string, opts store.PutOptions) error {
+	if !opts.IfNoneMatch && opts.IfMatch == "" {
+		return nil
+	}
+	cur, err := s.headLocked(key)
+	switch {
+	case err == nil && opts.IfNoneMatch:
+		return &store.Error{Op: "put", Key: key, Err: fmt.Errorf("%w: object exists (If-None-Match: *)", store.ErrPrecondition)}
+	case err == nil && opts.IfMatch != cur.ETag:
+		return &store.Error{Op: "put", Key: key, Err: fmt.Errorf("%w: etag is %s, not %s", store.ErrPrecondition, cur.ETag, opts.IfMatch)}
+	case err != nil && !errors.Is(err, store.ErrNotExist):
+		return err
+	case err != nil && opts.IfMatch != "":
+		return &store.Error{Op: "put", Key: key, Err: fmt.Errorf("%w: object does not exist (If-Match)", store.ErrPrecondition)}
+	}
+	return nil
 }
 
 // clash explains the one thing S3 allows and a filesystem does not: a key that
 // is both an object and a prefix of other keys.
-func (s *FileStore) clash(op, key string, err error) error {
+func (s *Store) clash(op, key string, err error) error {
 	if errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.EEXIST) || errors.Is(err, syscall.EISDIR) {
-		return &Error{Op: op, Key: key, Err: fmt.Errorf("a file store cannot hold a key that is also a prefix of another key: %w", err)}
+		return &store.Error{Op: op, Key: key, Err: fmt.Errorf("a file store cannot hold a key that is also a prefix of another key: %w", err)}
 	}
 	return fsErr(op, key, err)
 }
 
-func (s *FileStore) Get(ctx context.Context, key string, opts GetOptions) (io.ReadCloser, ObjectInfo, error) {
+func (s *Store) Get(ctx context.Context, key string, opts store.GetOptions) (io.ReadCloser, store.ObjectInfo, error) {
 	if err := s.check("get", key); err != nil {
-		return nil, ObjectInfo{}, err
+		return nil, store.ObjectInfo{}, err
 	}
 	if opts.VersionID != "" {
-		return nil, ObjectInfo{}, &Error{Op: "get", Key: key, Err: errors.New("the file store keeps no versions")}
+		return nil, store.ObjectInfo{}, &store.Error{Op: "get", Key: key, Err: errors.New("the file store keeps no versions")}
 	}
 	f, err := os.Open(s.dataPath(key))
 	if err != nil {
-		return nil, ObjectInfo{}, fsErr("get", key, err)
+		return nil, store.ObjectInfo{}, fsErr("get", key, err)
 	}
 	info, err := s.headOpen(key, f)
 	if err != nil {
 		f.Close()
-		return nil, ObjectInfo{}, err
+		return nil, store.ObjectInfo{}, err
 	}
 	if opts.Offset == 0 && opts.Length == 0 {
 		return f, info, nil
 	}
 	if opts.Offset < 0 || opts.Length < 0 || opts.Offset >= info.Size && !(opts.Offset == 0 && info.Size == 0) {
 		f.Close()
-		return nil, ObjectInfo{}, &Error{Op: "get", Key: key, Err: fmt.Errorf("range %d+%d not satisfiable for size %d", opts.Offset, opts.Length, info.Size)}
+		return nil, store.ObjectInfo{}, &store.Error{Op: "get", Key: key, Err: fmt.Errorf("range %d+%d not satisfiable for size %d", opts.Offset, opts.Length, info.Size)}
 	}
 	if _, err := f.Seek(opts.Offset, io.SeekStart); err != nil {
 		f.Close()
-		return nil, ObjectInfo{}, fsErr("get", key, err)
+		return nil, store.ObjectInfo{}, fsErr("get", key, err)
 	}
 	n := info.Size - opts.Offset
 	if opts.Length > 0 && opts.Length < n {
@@ -198,29 +223,29 @@ func (s *FileStore) Get(ctx context.Context, key string, opts GetOptions) (io.Re
 	}{io.LimitReader(f, n), f}, info, nil
 }
 
-func (s *FileStore) Head(ctx context.Context, key string, _ HeadOptions) (ObjectInfo, error) {
+func (s *Store) Head(ctx context.Context, key string, _ store.HeadOptions) (store.ObjectInfo, error) {
 	if err := s.check("head", key); err != nil {
-		return ObjectInfo{}, err
+		return store.ObjectInfo{}, err
 	}
 	return s.headLocked(key)
 }
 
-func (s *FileStore) headLocked(key string) (ObjectInfo, error) {
+func (s *Store) headLocked(key string) (store.ObjectInfo, error) {
 	f, err := os.Open(s.dataPath(key))
 	if err != nil {
-		return ObjectInfo{}, fsErr("head", key, err)
+		return store.ObjectInfo{}, fsErr("head", key, err)
 	}
 	defer f.Close()
 	return s.headOpen(key, f)
 }
 
-func (s *FileStore) headOpen(key string, f *os.File) (ObjectInfo, error) {
+func (s *Store) headOpen(key string, f *os.File) (store.ObjectInfo, error) {
 	st, err := f.Stat()
 	if err != nil {
-		return ObjectInfo{}, fsErr("head", key, err)
+		return store.ObjectInfo{}, fsErr("head", key, err)
 	}
 	if st.IsDir() {
-		return ObjectInfo{}, &Error{Op: "head", Key: key, Err: ErrNotExist}
+		return store.ObjectInfo{}, &store.Error{Op: "head", Key: key, Err: store.ErrNotExist}
 	}
 	var m fileMeta
 	b, err := os.ReadFile(s.metaPath(key))
@@ -232,15 +257,15 @@ func (s *FileStore) headOpen(key string, f *os.File) (ObjectInfo, error) {
 		// describe the data as it is.
 		h := md5.New()
 		if _, err := io.Copy(h, io.NewSectionReader(f, 0, st.Size())); err != nil {
-			return ObjectInfo{}, fsErr("head", key, err)
+			return store.ObjectInfo{}, fsErr("head", key, err)
 		}
 		m = fileMeta{Size: st.Size(), ETag: etagOf(h), ModTime: st.ModTime().UTC()}
 	}
-	return ObjectInfo{Key: key, Size: m.Size, ETag: m.ETag, ModTime: m.ModTime, Metadata: m.Metadata}, nil
+	return store.ObjectInfo{Key: key, Size: m.Size, ETag: m.ETag, ModTime: m.ModTime, Metadata: m.Metadata}, nil
 }
 
-func (s *FileStore) List(ctx context.Context, prefix string) iter.Seq2[ObjectInfo, error] {
-	return func(yield func(ObjectInfo, error) bool) {
+func (s *Store) List(ctx context.Context, prefix string) iter.Seq2[store.ObjectInfo, error] {
+	return func(yield func(store.ObjectInfo, error) bool) {
 		// Walk only the deepest directory the prefix names, then sort: a directory
 		// walk orders "a/b" before "a-b", S3 orders bytes.
 		start := s.root
@@ -272,17 +297,17 @@ func (s *FileStore) List(ctx context.Context, prefix string) iter.Seq2[ObjectInf
 			return nil
 		})
 		if err != nil {
-			yield(ObjectInfo{}, fsErr("list", prefix, err))
+			yield(store.ObjectInfo{}, fsErr("list", prefix, err))
 			return
 		}
 		slices.Sort(keys)
 		for _, k := range keys {
 			info, err := s.headLocked(k)
-			if errors.Is(err, ErrNotExist) {
+			if errors.Is(err, store.ErrNotExist) {
 				continue // deleted while listing
 			}
 			if err != nil {
-				yield(ObjectInfo{}, err)
+				yield(store.ObjectInfo{}, err)
 				return
 			}
 			info.Metadata = nil // as S3's ListObjectsV2
@@ -293,7 +318,7 @@ func (s *FileStore) List(ctx context.Context, prefix string) iter.Seq2[ObjectInf
 	}
 }
 
-func (s *FileStore) Delete(ctx context.Context, key string) error {
+func (s *Store) Delete(ctx context.Context, key string) error {
 	if err := s.check("delete", key); err != nil {
 		return err
 	}
@@ -319,7 +344,7 @@ func (s *FileStore) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
-func (s *FileStore) lock() (func(), error) {
+func (s *Store) lock() (func(), error) {
 	s.mu.Lock()
 	f, err := os.OpenFile(filepath.Join(s.root, fileInternal, "lock"), os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {

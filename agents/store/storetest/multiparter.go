@@ -1,0 +1,147 @@
+package storetest
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"slices"
+	"testing"
+
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// runMultiparter checks resumable multipart uploads: resume after a partial
+// upload, a vanished upload starting over, list and abort.
+func runMultiparter(t *testing.T, b Backend) {
+	t.Run("ResumeAfterRefusedParts", func(t *testing.T) {
+		if b.Wire == nil {
+			t.Skip("the backend gives no access to its traffic")
+		}
+		checkResume(t, b.New(t).(store.Multiparter), b.Wire)
+	})
+	t.Run("AbortedUploadStartsOver", func(t *testing.T) {
+		checkAbortedUpload(t, b.New(t).(store.Multiparter))
+	})
+}
+
+// partData is four full parts and a short last one.
+func partData() []byte {
+	const part = store.MinPartSize
+	data := make([]byte, 4*part+1234)
+	for i := range data {
+		data[i] = byte(i*7 + i/part)
+	}
+	return data
+}
+
+// checkResume: parts refused by the server fail the attempt retryably; a new
+// process resumes from the journal on disk and sends only the missing parts.
+func checkResume(t *testing.T, mp store.Multiparter, wire Wire) {
+	s := mp.(store.Store)
+	data := partData()
+	size := int64(len(data))
+	jpath := store.JournalPath(t.TempDir(), "data/big")
+	j := &store.MultipartJournal{Key: "data/big", Size: size}
+	opts := store.MultipartOptions{PartSize: store.MinPartSize, Concurrency: 1, Metadata: map[string]string{"sha256": "x"},
+		Persist: func(j *store.MultipartJournal) error { return j.Save(jpath) }}
+
+	// Parts 3+ are refused: two parts land, the call fails retryably.
+	wire.RefuseParts(3)
+	_, err := mp.UploadFileResumable(ctx, "data/big", bytes.NewReader(data), size, j, opts)
+	if err == nil || !store.IsRetryable(err) {
+		t.Fatalf("first attempt: %v, want a retryable error", err)
+	}
+	wire.RefuseParts(0)
+
+	// A new process: the journal from disk, two parts reused.
+	j2, err := store.LoadJournal(jpath)
+	if err != nil || j2.PartCount() != 2 || j2.UploadID == "" {
+		t.Fatalf("journal after the failure: %+v, %v", j2, err)
+	}
+	wire.ResetCounts()
+	info, err := mp.UploadFileResumable(ctx, "data/big", bytes.NewReader(data), size, j2, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := wire.PartUploads(); got != 3 {
+		t.Errorf("resume uploaded %d parts, want 3 of 5", got)
+	}
+	if got := get(t, s, "data/big", store.GetOptions{}); !bytes.Equal(got, data) || info.ETag == "" {
+		t.Fatalf("object differs (%d bytes, want %d)", len(got), size)
+	}
+	if h, err := s.Head(ctx, "data/big", store.HeadOptions{}); err != nil || h.Metadata["sha256"] != "x" {
+		t.Errorf("metadata %v (%v)", h.Metadata, err)
+	}
+	if ups, err := mp.ListMultipartUploads(ctx, "data/big"); err != nil || len(ups) != 0 {
+		t.Errorf("uploads left: %v %v", ups, err)
+	}
+}
+
+// errAfter is a file that fails reads past a limit: the first attempt of an
+// upload stops there, as a crash would.
+type errAfter struct {
+	r     io.ReaderAt
+	limit int64
+}
+
+func (e errAfter) ReadAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > e.limit {
+		return 0, errors.New("disk went away")
+	}
+	return e.r.ReadAt(p, off)
+}
+
+// checkAbortedUpload: an interrupted upload is listed until aborted (twice is
+// fine), and its journal then starts a new upload instead of reusing the id.
+func checkAbortedUpload(t *testing.T, mp store.Multiparter) {
+	s := mp.(store.Store)
+	data := partData()
+	size := int64(len(data))
+	const key = "data/big2"
+	j := &store.MultipartJournal{Key: key, Size: size}
+	_, err := mp.UploadFileResumable(ctx, key, errAfter{bytes.NewReader(data), store.MinPartSize}, size, j, store.MultipartOptions{PartSize: store.MinPartSize, Concurrency: 1})
+	if err == nil || j.PartCount() != 1 {
+		t.Fatalf("interrupted upload: %v, %d parts", err, j.PartCount())
+	}
+	if ids := uploadIDs(t, mp, key); !slices.Contains(ids, j.UploadID) {
+		t.Errorf("interrupted upload %s not listed: %q", j.UploadID, ids)
+	}
+	if err := mp.AbortMultipart(ctx, key, j.UploadID); err != nil {
+		t.Fatal(err)
+	}
+	if err := mp.AbortMultipart(ctx, key, j.UploadID); err != nil {
+		t.Errorf("aborting twice: %v", err)
+	}
+	if ids := uploadIDs(t, mp, key); slices.Contains(ids, j.UploadID) {
+		t.Errorf("aborted upload %s still listed", j.UploadID)
+	}
+	old := j.UploadID
+	if _, err := mp.UploadFileResumable(ctx, key, bytes.NewReader(data), size, j, store.MultipartOptions{PartSize: store.MinPartSize, Concurrency: 3}); err != nil {
+		t.Fatalf("after abort: %v", err)
+	}
+	if j.UploadID == old {
+		t.Error("the vanished upload id was reused")
+	}
+	if h, err := s.Head(ctx, key, store.HeadOptions{}); err != nil || h.Size != size {
+		t.Errorf("%s: %+v %v", key, h, err)
+	}
+	if got := get(t, s, key, store.GetOptions{}); !bytes.Equal(got, data) {
+		t.Errorf("%s: content differs", key)
+	}
+	if ids := uploadIDs(t, mp, key); len(ids) != 0 {
+		t.Errorf("uploads left: %q", ids)
+	}
+}
+
+func uploadIDs(t *testing.T, mp store.Multiparter, prefix string) []string {
+	t.Helper()
+	ups, err := mp.ListMultipartUploads(ctx, prefix)
+	if err != nil {
+		t.Fatalf("list uploads %q: %v", prefix, err)
+	}
+	var ids []string
+	for _, u := range ups {
+		ids = append(ids, u.UploadID)
+	}
+	return ids
+}

@@ -1,0 +1,128 @@
+package restore
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/store"
+)
+
+// Main is the restore binary: the init container, or with a first argument
+// of list or verify the operator subcommands. It returns the exit code. The
+// binary links the store backends (agents/store/backends); Main opens
+// STORE_URL with store.Open into deps.Store.
+func Main(args, environ []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "list":
+			return listCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
+		case "verify":
+			return verifyCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
+		}
+	}
+	return lifecycle.Agent[*Config]{
+		Name: "restore",
+		Summary: "Init container: restores a snapshot (latest, by id or point in time) from the store onto RESTORE_DIR, " +
+			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256).",
+		Run: func(ctx context.Context, cfg *Config, deps lifecycle.Deps) error {
+			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
+				return err
+			}
+			_, err := New(cfg, deps).Run(ctx)
+			return err
+		},
+	}.Main(&Config{}, args, environ, stdout, stderr)
+}
+
+// openStore fills deps.Store: lifecycle builds Deps without one, as not
+// every agent has a store.
+func openStore(ctx context.Context, c *config.Store, deps *lifecycle.Deps) error {
+	st, err := store.Open(ctx, c, deps.Log)
+	deps.Store = st
+	return err
+}
+
+func listCommand(args []string, stdout io.Writer) lifecycle.Agent[*OpsConfig] {
+	return lifecycle.Agent[*OpsConfig]{
+		Name:      "restore list",
+		Component: "restore",
+		Summary:   "Lists the snapshots in STORE_URL: id, creation time, files, bytes.",
+		Run: func(ctx context.Context, cfg *OpsConfig, deps lifecycle.Deps) error {
+			if len(args) > 0 {
+				return fmt.Errorf("restore list takes no arguments, got %q", args)
+			}
+			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
+				return err
+			}
+			entries, err := List(ctx, deps.Store)
+			if err != nil {
+				return err
+			}
+			PrintList(stdout, entries)
+			return nil
+		},
+	}
+}
+
+func verifyCommand(args []string, stdout io.Writer) lifecycle.Agent[*OpsConfig] {
+	return lifecycle.Agent[*OpsConfig]{
+		Name:      "restore verify",
+		Component: "restore",
+		Summary: "restore verify [ID|TIME|latest] [--deep]: checks that every object of a snapshot exists with the recorded size and " +
+			"sha256 metadata; --deep also downloads and hashes each one. Exit 1 when anything is wrong.",
+		Run: func(ctx context.Context, cfg *OpsConfig, deps lifecycle.Deps) error {
+			spec, deep, err := parseVerifyArgs(args)
+			if err != nil {
+				return err
+			}
+			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
+				return err
+			}
+			rep, err := Verify(ctx, deps.Store, spec, deep, cfg.Concurrency)
+			if err != nil {
+				return err
+			}
+			return printVerify(stdout, rep, deep)
+		},
+	}
+}
+
+// parseVerifyArgs reads `restore verify [ID|TIME|latest] [--deep]`.
+func parseVerifyArgs(args []string) (spec string, deep bool, err error) {
+	spec, specSet := "latest", false
+	for _, a := range args {
+		switch {
+		case a == "--deep" || a == "-deep":
+			deep = true
+		case !specSet:
+			if err := ValidSnapshotSpec(a); err != nil {
+				return "", false, fmt.Errorf("snapshot %q: %w", a, err)
+			}
+			spec, specSet = a, true
+		default:
+			return "", false, fmt.Errorf("usage: restore verify [ID|TIME|latest] [--deep]; unexpected %q", a)
+		}
+	}
+	return spec, deep, nil
+}
+
+// printVerify writes the report of `restore verify`: a line per problem and a
+// verdict. It returns an error when anything failed, so the exit code says so.
+func printVerify(w io.Writer, rep *VerifyReport, deep bool) error {
+	for _, p := range rep.Problems {
+		fmt.Fprintf(w, "BAD  %s: %s\n", p.Path, p.Reason)
+	}
+	how := "size and sha256 metadata"
+	if deep {
+		how = "size, sha256 metadata and downloaded content"
+	}
+	if len(rep.Problems) > 0 {
+		fmt.Fprintf(w, "snapshot %s: %d of %d files failed (%s)\n", rep.Snapshot, len(rep.Problems), rep.Files, how)
+		return fmt.Errorf("snapshot %s: %d of %d files failed verification", rep.Snapshot, len(rep.Problems), rep.Files)
+	}
+	fmt.Fprintf(w, "snapshot %s: all %d files (%d bytes) OK (%s)\n", rep.Snapshot, rep.Files, rep.Bytes, how)
+	return nil
+}
