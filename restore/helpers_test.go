@@ -34,19 +34,10 @@ type target struct {
 	st  store.Store
 }
 
-func envMap(kvs []string) map[string]string {
-	m := map[string]string{}
-	for _, kv := range kvs {
-		k, v, _ := strings.Cut(kv, "=")
-		m[k] = v
-	}
-	return m
-}
-
 // s3Target opens prefix on srv, through endpoint when not empty (a proxy).
 func s3Target(t *testing.T, srv *peers.S3Server, prefix, endpoint string) *target {
 	t.Helper()
-	env := envMap(srv.AgentEnv(prefix))
+	env := lifecycle.EnvMap(srv.AgentEnv(prefix))
 	if endpoint != "" {
 		env["S3_ENDPOINT"] = endpoint
 	}

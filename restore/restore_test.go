@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -414,7 +413,7 @@ func testOutage(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/data/")
 	})
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &peers.LockedBuffer{}
 	r := New(tg.cfg(t, dir), lifecycle.Deps{Store: tg.st, Log: slog.New(slog.NewTextHandler(logs, nil))})
 	r.progressEvery = 30 * time.Millisecond
 	go func() { _, err := r.Run(context.Background()); done <- err }()
@@ -443,23 +442,6 @@ func testOutage(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 	if out := logs.String(); !strings.Contains(out, "download failed, retrying") || !strings.Contains(out, "msg=restored") {
 		t.Errorf("log lacks the retries or the summary:\n%s", out)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func testListVerify(t *testing.T, tg *target) {

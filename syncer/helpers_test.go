@@ -417,33 +417,14 @@ func (k *keyCounter) writes(part string) []string {
 // proc runs the syncer binary.
 type proc struct {
 	cmd  *exec.Cmd
-	out  *lockedBuf
+	out  *peers.LockedBuffer
 	done chan struct{}
 	code int
 }
 
-// lockedBuf is the process's output: written by the exec package's copying
-// goroutines while the test reads it.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func startBin(t *testing.T, env []string) *proc {
 	t.Helper()
-	p := &proc{out: &lockedBuf{}, done: make(chan struct{})}
+	p := &proc{out: &peers.LockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(syncerBin)
 	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "LOG_FORMAT=text"}, env...)
 	p.cmd.Stdout = p.out

@@ -1,7 +1,6 @@
 package kube
 
 import (
-	"bytes"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -157,26 +156,9 @@ func (f *fakeAPI) opts() Options {
 	return Options{Component: "syncer", Host: f.srv.URL, SADir: f.saDir}
 }
 
-func testLog() (*slog.Logger, *syncBuf) {
-	b := &syncBuf{}
+func testLog() (*slog.Logger, *peers.LockedBuffer) {
+	b := &peers.LockedBuffer{}
 	return slog.New(slog.NewJSONHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug})), b
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func base(mode string) *config.Base {

@@ -3,14 +3,12 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os/exec"
 	"regexp"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -24,21 +22,8 @@ import (
 // --timestamps`) from before an event until the container ends: the only way to keep the
 // last lines of a Pod that is being deleted, whose logs vanish with it.
 type follower struct {
-	mu   sync.Mutex
-	buf  bytes.Buffer
+	peers.LockedBuffer
 	done chan struct{}
-}
-
-func (f *follower) Write(p []byte) (int, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.buf.Write(p)
-}
-
-func (f *follower) String() string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.buf.String()
 }
 
 func (n *ns) follow(pod, container string) *follower {
