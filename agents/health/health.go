@@ -1,6 +1,8 @@
-// Package health is the one small HTTP server every agent runs: /healthz
-// (liveness: the agent's main loop is alive), /readyz (readiness: what each
-// agent says it means) and /metrics (Prometheus, names podkeeper_<agent>_...).
+// Package health is the one small HTTP server every agent runs: /startupz
+// (the agent has done what the app may rely on before it starts: the syncer
+// watches, the logshipper reads), /healthz (liveness: the agent's main loop is
+// alive), /readyz (readiness: what each agent says it means, e.g. its store or
+// receiver reachable) and /metrics (Prometheus, names podkeeper_<agent>_...).
 package health
 
 import (
@@ -24,6 +26,7 @@ type Server struct {
 	agent    string
 
 	mu       sync.Mutex
+	started  bool
 	ready    error // nil = ready
 	beatAt   time.Time
 	maxStall time.Duration
@@ -47,6 +50,16 @@ func (s *Server) Name(name string) string { return "podkeeper_" + s.agent + "_" 
 func (s *Server) SetReady(err error) {
 	s.mu.Lock()
 	s.ready = err
+	s.mu.Unlock()
+}
+
+// SetStarted marks the start-up done; /startupz answers 200 from then on. It
+// is separate from readiness so that an outage later (the store, the
+// receiver) shows on /readyz without a startup probe ever restarting the
+// container for it.
+func (s *Server) SetStarted() {
+	s.mu.Lock()
+	s.started = true
 	s.mu.Unlock()
 }
 
@@ -76,6 +89,16 @@ func (s *Server) Handler() http.Handler {
 			return
 		}
 		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/startupz", func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		started := s.started
+		s.mu.Unlock()
+		if !started {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "started")
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()

@@ -32,6 +32,13 @@ func TestProbesAndMetrics(t *testing.T) {
 	}
 	defer s.Close()
 	base := "http://" + s.Addr()
+	if code, _ := get(t, base+"/startupz"); code != 503 {
+		t.Fatalf("startupz before SetStarted: %d", code)
+	}
+	s.SetStarted()
+	if code, _ := get(t, base+"/startupz"); code != 200 {
+		t.Fatalf("startupz after SetStarted: %d", code)
+	}
 	if code, body := get(t, base+"/readyz"); code != 503 || !strings.Contains(body, "starting") {
 		t.Fatalf("readyz before ready: %d %q", code, body)
 	}
