@@ -20,6 +20,9 @@ import (
 // swapped for a link: not one line of the outside file reaches the receiver,
 // the shipper never blocks, and the app's real lines all arrive.
 func TestHostileLogDirs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs the otelfwd peer")
+	}
 	r := peers.StartOtelFwd(t)
 	vol, outside := t.TempDir(), t.TempDir()
 	secretLines := make([]string, 200)

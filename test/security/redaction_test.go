@@ -161,6 +161,9 @@ func s3Client(endpoint string) *s3.Client {
 }
 
 func TestCredentialsNeverPrinted(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs the versitygw peer and builds the agents")
+	}
 	h := &harness{t: t, bins: buildAgents(t)}
 	s3p, endpoint := s3Peer(t)
 	storeEnv := []string{"STORE_URL=s3://" + bucket + "/red", "S3_ENDPOINT=" + endpoint, "S3_REGION=us-east-1",
