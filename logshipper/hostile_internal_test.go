@@ -10,8 +10,8 @@ import (
 )
 
 // TestScanSwapRace scans while a directory below the glob's base and the
-// glob's base itself are swapped with links to an outside directory 1000
-// times each: the tailer never holds the outside file open, while a plain
+// glob's base itself are swapped with links to an outside directory (at
+// least 1000 times each, during at least 500 scans): the tailer never holds the outside file open, while a plain
 // glob + stat (the old scan) reaches it.
 func TestScanSwapRace(t *testing.T) {
 	vol, outside := t.TempDir(), t.TempDir()
@@ -39,20 +39,27 @@ func TestScanSwapRace(t *testing.T) {
 	tt.cfg.Paths = []string{vol + "/n/*/*.log", vol + "/own/*.log"}
 	tt.roots = newGlobRoots(tt.cfg.Paths)
 
-	const swaps = 1000
-	var done atomic.Bool
+	const minSwaps, minScans = 1000, 500
+	var swaps atomic.Int64
+	stop, done := make(chan struct{}), make(chan struct{})
 	go func() {
-		defer done.Store(true)
-		for range swaps {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
 			for _, d := range []string{vol + "/n/d", vol + "/own"} {
 				if err := unix.Renameat2(unix.AT_FDCWD, d, unix.AT_FDCWD, d+"-link", unix.RENAME_EXCHANGE); err != nil {
 					panic(err)
 				}
 			}
+			swaps.Add(1)
 		}
 	}()
 	scans, escapes, plainScans, plainEscapes := 0, 0, 0, 0
-	for !done.Load() {
+	for swaps.Load() < minSwaps || scans < minScans {
 		tt.scan()
 		scans++
 		if tt.files[secretID] != nil {
@@ -71,8 +78,10 @@ func TestScanSwapRace(t *testing.T) {
 			}
 		}
 	}
+	close(stop)
+	<-done
 	t.Logf("%d swaps of each directory: %d scans, %d opened the outside file; a plain glob+stat reached it %d times in %d looks",
-		swaps, scans, escapes, plainEscapes, plainScans)
+		swaps.Load(), scans, escapes, plainEscapes, plainScans)
 	if escapes > 0 {
 		t.Fatalf("the outside file was opened in %d of %d scans", escapes, scans)
 	}
