@@ -18,6 +18,7 @@ type metrics struct {
 	ackLatency     prometheus.Histogram
 	buffer, files  prometheus.Gauge
 	rotations      prometheus.Counter
+	skipped        *prometheus.CounterVec // reason = symlink|not_regular
 
 	recordsRead, bytesRead prometheus.Counter // resolved once: they are hit per line
 }
@@ -31,17 +32,20 @@ func newMetrics(h *health.Server) *metrics {
 		buffer:     prometheus.NewGauge(prometheus.GaugeOpts{Name: h.Name("buffer_bytes"), Help: "Bytes of batches spooled in the state dir and not yet acked."}),
 		files:      prometheus.NewGauge(prometheus.GaugeOpts{Name: h.Name("files_watched"), Help: "Log files open for reading."}),
 		rotations:  prometheus.NewCounter(prometheus.CounterOpts{Name: h.Name("rotations_total"), Help: "Rotations seen (rename, delete or copytruncate)."}),
+		skipped:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("files_skipped_total"), Help: "Paths below the log directories never read, by reason: symlink (a link, never followed) or not_regular (FIFO, device, socket). Counted once per path."}, []string{"reason"}),
 	}
 	for _, s := range []string{"read", "sent", "acked"} {
 		m.records.WithLabelValues(s)
 		m.bytes.WithLabelValues(s)
 	}
 	m.bytes.WithLabelValues("dropped")
+	m.skipped.WithLabelValues(skipLink)
+	m.skipped.WithLabelValues(skipNotRegular)
 	for _, r := range []string{"acked", "failed"} {
 		m.batches.WithLabelValues(r)
 	}
 	m.recordsRead, m.bytesRead = m.records.WithLabelValues("read"), m.bytes.WithLabelValues("read")
-	h.Registry.MustRegister(m.records, m.bytes, m.batches, m.ackLatency, m.buffer, m.files, m.rotations)
+	h.Registry.MustRegister(m.records, m.bytes, m.batches, m.ackLatency, m.buffer, m.files, m.rotations, m.skipped)
 	return m
 }
 

@@ -9,15 +9,17 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
+	"path"
 	"strconv"
 	"syscall"
 	"time"
 	"unicode/utf8"
 
 	"github.com/fsnotify/fsnotify"
+	"golang.org/x/sys/unix"
 
 	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 )
 
 const (
@@ -34,6 +36,8 @@ const (
 type tailFile struct {
 	id       fileID
 	path     string
+	g        *globRoot // the glob that found it
+	rel      string    // its path below g's base
 	f        *os.File
 	off      int64  // next byte to read
 	buf      []byte // read bytes not yet part of a record; buf[0] is at off-len(buf)
@@ -71,6 +75,8 @@ type tailer struct {
 	ev  events.Recorder
 
 	resume   map[fileID]position
+	roots    []*globRoot
+	skipped  map[string]bool // paths refused and reported (reason + path)
 	files    map[fileID]*tailFile
 	watcher  *fsnotify.Watcher
 	watched  map[string]bool
@@ -92,6 +98,7 @@ func newTailer(cfg *Config, log *slog.Logger, m *metrics, ev events.Recorder, re
 	}
 	t := &tailer{cfg: cfg, log: log, m: m, ev: ev, resume: resume,
 		files: map[fileID]*tailFile{}, watcher: w, watched: map[string]bool{},
+		roots: newGlobRoots(cfg.Paths), skipped: map[string]bool{},
 		wake: make(chan struct{}, 1), rescan: make(chan struct{}, 1), readBuf: make([]byte, readChunk)}
 	go t.watch()
 	return t, nil
@@ -127,7 +134,12 @@ func (t *tailer) watch() {
 	}
 }
 
-func (t *tailer) close() { t.watcher.Close() }
+func (t *tailer) close() {
+	t.watcher.Close()
+	for _, g := range t.roots {
+		g.drop()
+	}
+}
 
 // changed is signalled when something moved in a watched directory.
 func (t *tailer) changed() <-chan struct{} { return t.wake }
@@ -240,21 +252,18 @@ func (t *tailer) scanIfDue() {
 func (t *tailer) scan() {
 	t.lastScan = t.now
 	matched := map[fileID]bool{}
-	for _, g := range t.cfg.Paths {
-		t.watchDirs(g)
-		paths, _ := filepath.Glob(g)
-		for _, p := range paths {
-			fi, err := os.Stat(p)
-			if err != nil || !fi.Mode().IsRegular() {
+	for _, g := range t.roots {
+		r := t.openRoot(g)
+		if r == nil {
+			continue
+		}
+		for _, f := range t.match(g, r, t.watchDir) {
+			if tf := t.files[f.id]; tf != nil {
+				matched[f.id] = true
+				tf.path, tf.g, tf.rel = g.path(f.rel), g, f.rel
 				continue
 			}
-			id := statID(fi)
-			if tf := t.files[id]; tf != nil {
-				matched[id] = true
-				tf.path = p
-				continue
-			}
-			if tf := t.open(p); tf != nil {
+			if tf := t.open(g, r, f.rel); tf != nil {
 				matched[tf.id] = true
 			}
 		}
@@ -272,25 +281,24 @@ func (t *tailer) scan() {
 	t.countFiles()
 }
 
-// watchDirs watches the directories glob g can match files in.
-func (t *tailer) watchDirs(g string) {
-	dirs, _ := filepath.Glob(filepath.Dir(g))
-	for _, d := range dirs {
-		if t.watched[d] {
-			continue
-		}
-		if err := t.watcher.Add(d); err != nil {
-			t.log.Debug("cannot watch directory; relying on polling", "dir", d, "err", err)
-			continue
-		}
-		t.watched[d] = true
+// watchDir watches d, a directory a glob can match files in that the scan
+// just opened without following a link. fsnotify watches by path: a link
+// swapped in at that moment only brings wake-ups, never a read.
+func (t *tailer) watchDir(d string) {
+	if t.watched[d] {
+		return
 	}
+	if err := t.watcher.Add(d); err != nil {
+		t.log.Debug("cannot watch directory; relying on polling", "dir", d, "err", err)
+		return
+	}
+	t.watched[d] = true
 }
 
-func (t *tailer) open(p string) *tailFile {
-	f, err := os.Open(p)
-	if err != nil {
-		t.log.Warn("cannot open log file; will retry", "path", p, "err", err)
+func (t *tailer) open(g *globRoot, r *safefs.Root, rel string) *tailFile {
+	p := g.path(rel)
+	f := t.openFile(g, r, rel)
+	if f == nil {
 		return nil
 	}
 	fi, err := f.Stat()
@@ -303,7 +311,7 @@ func (t *tailer) open(p string) *tailFile {
 		f.Close()
 		return nil
 	}
-	tf := &tailFile{id: id, path: p, f: f, size: fi.Size(), lastGrow: t.now}
+	tf := &tailFile{id: id, path: p, g: g, rel: rel, f: f, size: fi.Size(), lastGrow: t.now}
 	t.fingerprint(tf)
 	pos, known := t.resume[id]
 	delete(t.resume, id)
@@ -433,23 +441,42 @@ func (t *tailer) startOver(tf *tailFile) {
 	t.fingerprint(tf)
 }
 
+// findCopy looks for the copy of a truncated file next to it, through the
+// glob's root: links and FIFOs are never candidates.
 func (t *tailer) findCopy(tf *tailFile) *os.File {
-	dir := filepath.Dir(tf.path)
-	entries, err := os.ReadDir(dir)
+	if tf.g == nil {
+		return nil
+	}
+	r := t.openRoot(tf.g)
+	if r == nil {
+		return nil
+	}
+	dir := path.Dir(tf.rel)
+	d, err := r.OpenDir(dir)
+	if err != nil {
+		return nil
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
 	if err != nil {
 		return nil
 	}
 	var best *os.File
 	var bestTime time.Time
-	for _, e := range entries {
-		fi, err := e.Info()
-		if err != nil || !fi.Mode().IsRegular() || fi.Size() < tf.off || statID(fi) == tf.id || t.files[statID(fi)] != nil {
+	for _, name := range names {
+		var st unix.Stat_t
+		if unix.Fstatat(int(d.Fd()), name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
 			continue
 		}
-		if t.now.Sub(fi.ModTime()) > time.Hour || fi.ModTime().Before(bestTime) {
+		id := fileID{Dev: uint64(st.Dev), Ino: st.Ino}
+		mtime := time.Unix(st.Mtim.Unix())
+		if st.Size < tf.off || id == tf.id || t.files[id] != nil {
 			continue
 		}
-		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if t.now.Sub(mtime) > time.Hour || mtime.Before(bestTime) {
+			continue
+		}
+		f, err := r.Open(path.Join(dir, name))
 		if err != nil {
 			continue
 		}
@@ -458,7 +485,7 @@ func (t *tailer) findCopy(tf *tailFile) *os.File {
 			if best != nil {
 				best.Close()
 			}
-			best, bestTime = f, fi.ModTime()
+			best, bestTime = f, mtime
 			continue
 		}
 		f.Close()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strconv"
 	"sync"
 	"time"
 
@@ -167,9 +168,14 @@ func (t *tree) place(tmpDir int, tmpName, rel string) error {
 	return nil
 }
 
-// setMeta gives the regular file rel its mode and mtime (no link following:
-// the final element was checked to be a regular file by the caller's plan, and
-// AT_SYMLINK_NOFOLLOW guards the times).
+// setMeta gives the regular file rel its mode and mtime. The app may swap rel
+// for a link at any moment, so nothing is changed by name: the final element
+// is opened O_PATH|O_NOFOLLOW (a link is opened as itself, never followed),
+// checked to be a regular file through that descriptor, and the mode and
+// times are set on the descriptor's inode (fchmodat2/utimensat with
+// AT_EMPTY_PATH, or its /proc/self/fd magic link on kernels without them).
+// A swap after the open changes nothing: the descriptor still holds the file
+// that was checked.
 func (t *tree) setMeta(rel string, mode os.FileMode, mtime time.Time) error {
 	parent, base := path.Split(rel)
 	pfd, release, err := t.dir(path.Clean(parent), rel, false)
@@ -177,22 +183,50 @@ func (t *tree) setMeta(rel string, mode os.FileMode, mtime time.Time) error {
 		return err
 	}
 	defer release()
+	fd, err := unix.Openat(pfd, base, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: rel, Err: err}
+	}
+	defer unix.Close(fd)
 	var st unix.Stat_t
-	if err := unix.Fstatat(pfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err := unix.Fstat(fd, &st); err != nil {
 		return &os.PathError{Op: "stat", Path: rel, Err: err}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return &ConflictError{Path: rel, Reason: "no longer a regular file"}
 	}
-	if err := unix.Fchmodat(pfd, base, uint32(mode.Perm()), 0); err != nil {
+	if err := fchmodPath(fd, uint32(mode.Perm())); err != nil {
 		return &os.PathError{Op: "chmod", Path: rel, Err: err}
 	}
 	ts := []unix.Timespec{unix.NsecToTimespec(mtime.UnixNano()), unix.NsecToTimespec(mtime.UnixNano())}
-	if err := unix.UtimesNanoAt(pfd, base, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err := futimesPath(fd, ts); err != nil {
 		return &os.PathError{Op: "set mtime", Path: rel, Err: err}
 	}
 	return nil
 }
+
+// fchmodPath changes the mode of the inode an O_PATH descriptor holds
+// (fchmod refuses O_PATH descriptors): fchmodat2 with AT_EMPTY_PATH (Linux
+// >= 6.6), else the descriptor's /proc/self/fd magic link, which names exactly
+// that inode. Both act on the same inode, so a fallback on any error (ENOSYS,
+// EOPNOTSUPP, a seccomp profile's EPERM) is harmless: a real error repeats.
+func fchmodPath(fd int, mode uint32) error {
+	if unix.Fchmodat(fd, "", mode, unix.AT_EMPTY_PATH) == nil {
+		return nil
+	}
+	return unix.Fchmodat(unix.AT_FDCWD, procFd(fd), mode, 0)
+}
+
+// futimesPath sets the times of the inode an O_PATH descriptor holds, the
+// same way.
+func futimesPath(fd int, ts []unix.Timespec) error {
+	if unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH) == nil {
+		return nil
+	}
+	return unix.UtimesNanoAt(unix.AT_FDCWD, procFd(fd), ts, 0)
+}
+
+func procFd(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 // remove unlinks rel (a file, link or empty directory) without following links.
 func (t *tree) remove(rel string, isDir bool) error {

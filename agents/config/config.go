@@ -48,9 +48,19 @@ func (e *Error) Error() string {
 	return strings.Join(lines, "\n")
 }
 
-// Add records a problem with variable name whose raw value is value.
+// Add records a problem with variable name whose raw value is value. A
+// user-info part of the value (KEY:SECRET@ of a URL or HOST:PORT) is never
+// kept, neither in the value nor quoted in the problem: whatever variable
+// carries a credential, its refusal does not print it.
 func (e *Error) Add(name, value, format string, args ...any) {
-	e.Errors = append(e.Errors, FieldError{Var: name, Value: value, Problem: fmt.Sprintf(format, args...)})
+	problem := fmt.Sprintf(format, args...)
+	if shown := RedactURL(value); shown != value {
+		if info := userInfo(value); info != "" {
+			problem = strings.ReplaceAll(problem, info, "xxxxx")
+		}
+		value = shown
+	}
+	e.Errors = append(e.Errors, FieldError{Var: name, Value: value, Problem: problem})
 }
 
 // Has reports whether a problem was already recorded for name, so dependent checks

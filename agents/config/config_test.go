@@ -174,3 +174,31 @@ func TestHelpListsEveryVariable(t *testing.T) {
 		t.Errorf("markdown row:\n%s", md)
 	}
 }
+
+// Whatever variable carries a credential in a URL or HOST:PORT, its refusal
+// prints neither the key nor the secret, in the value or in the problem.
+func TestCredentialsNotPrintedInAnyRefusal(t *testing.T) {
+	for name, bad := range map[string]string{
+		"S3_ENDPOINT": "http://AKIDEXAMPLE:s3cr3tKEY@minio:9000",
+		"STORE_URL":   "s3://AKIDEXAMPLE:s3cr3t%2FKEY@bucket/p",
+	} {
+		_, errs := load(t, Env{"T_DIR": "/d", "STORE_URL": "s3://bucket/p", name: bad})
+		if errs == nil || !errs.Has(name) {
+			t.Fatalf("%s=%q accepted", name, bad)
+		}
+		if msg := errs.Error(); strings.Contains(msg, "s3cr3t") || strings.Contains(msg, "AKIDEXAMPLE") {
+			t.Errorf("%s=%q: the error prints the credential: %s", name, bad, msg)
+		}
+	}
+	var errs Error
+	errs.Add("FLUENT_ADDR", "AKIDEXAMPLE:s3cr3t@host:24224", "%q is not HOST:PORT", "AKIDEXAMPLE:s3cr3t@host:24224")
+	if msg := errs.Error(); strings.Contains(msg, "s3cr3t") || strings.Contains(msg, "AKIDEXAMPLE") || !strings.Contains(msg, "xxxxx@host:24224") {
+		t.Errorf("a scheme-less value: %s", msg)
+	}
+	for v, want := range map[string]string{"/var/log/a@b/*.log": "/var/log/a@b/*.log", "user@host": "user@host",
+		"tcp://k:s@h:1": "tcp://xxxxx@h:1", "s3://k:s/x@b/p": "s3://xxxxx@b/p"} {
+		if got := RedactURL(v); got != want {
+			t.Errorf("RedactURL(%q) = %q, want %q", v, got, want)
+		}
+	}
+}

@@ -56,7 +56,10 @@ func (s *Store) Validate(env Env, errs *Error) {
 	}
 	if s.S3Endpoint != "" {
 		u, err := url.Parse(s.S3Endpoint)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		switch {
+		case userInfo(s.S3Endpoint) != "" || err == nil && u.User != nil:
+			errs.Add("S3_ENDPOINT", s.S3Endpoint, "must not carry credentials; they come from the S3 Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never the URL")
+		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
 			errs.Add("S3_ENDPOINT", s.S3Endpoint, "must be an http:// or https:// URL with a host, e.g. http://minio:9000")
 		}
 	}
@@ -78,19 +81,34 @@ func (s *Store) Validate(env Env, errs *Error) {
 }
 
 // RedactURL hides the user-info part of a URL-like value ("s3://KEY:SECRET@b/p"
-// -> "s3://xxxxx@b/p"), also when the value does not parse: a value refused for
-// carrying credentials must not print them in the refusal.
+// -> "s3://xxxxx@b/p", "KEY:SECRET@host:24224" -> "xxxxx@host:24224"), also
+// when the value does not parse: a value refused for carrying credentials
+// must not print them in the refusal.
 func RedactURL(v string) string {
-	i := strings.Index(v, "://")
-	if i < 0 {
+	info := userInfo(v)
+	if info == "" {
 		return v
 	}
-	rest := v[i+3:]
+	i := strings.Index(v, info)
+	return v[:i] + "xxxxx" + v[i+len(info):]
+}
+
+// userInfo is the user-info part of v (before the last '@' of a URL's
+// authority, or of a scheme-less value whose part before the '@' holds a
+// ':'), "" when there is none.
+func userInfo(v string) string {
+	rest := v
+	if i := strings.Index(v, "://"); i >= 0 {
+		rest = v[i+3:]
+	}
 	at := strings.LastIndex(rest, "@")
-	if at < 0 {
-		return v
+	if at <= 0 {
+		return ""
 	}
-	return v[:i+3] + "xxxxx" + rest[at:]
+	if rest == v && !strings.Contains(rest[:at], ":") {
+		return "" // "name@host", a path with an '@': no password
+	}
+	return rest[:at]
 }
 
 func (s *Store) parseURL(errs *Error) {

@@ -46,6 +46,32 @@ func OpenRoot(dir string) (*Root, error) {
 	return &Root{fd: fd, name: dir}, nil
 }
 
+// OpenRootNoFollow opens dir like OpenRoot, but refuses it (ErrLink) when its
+// last element is a symbolic link: for a directory the app itself creates or
+// may replace, such as a log directory below the volume's mount point.
+func OpenRootNoFollow(dir string) (*Root, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		var st unix.Stat_t
+		if errors.Is(err, unix.ELOOP) || (errors.Is(err, unix.ENOTDIR) && unix.Lstat(dir, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK) {
+			err = ErrLink
+		}
+		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	return &Root{fd: fd, name: dir}, nil
+}
+
+// Stat describes the root directory itself (through its descriptor).
+func (r *Root) Stat() (fs.FileInfo, error) {
+	fd, err := unix.Openat(r.fd, ".", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "stat", Path: r.name, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), r.name)
+	defer f.Close()
+	return f.Stat()
+}
+
 // Name is the directory OpenRoot was given.
 func (r *Root) Name() string { return r.name }
 

@@ -188,3 +188,19 @@ func TestSwapRace(t *testing.T) {
 		}
 	})
 }
+
+func TestOpenRootNoFollow(t *testing.T) {
+	root, _ := setup(t)
+	if _, err := OpenRootNoFollow(root + "/dir-link"); !errors.Is(err, ErrLink) {
+		t.Fatalf("a root that is a link: %v, want ErrLink", err)
+	}
+	r, err := OpenRootNoFollow(root + "/d")
+	must(t, err)
+	defer r.Close()
+	fi, err := r.Stat()
+	must(t, err)
+	want, _ := os.Stat(root + "/d")
+	if !os.SameFile(fi, want) {
+		t.Fatal("Stat does not describe the root")
+	}
+}
