@@ -87,7 +87,7 @@ func StartFluentServer(t testing.TB, certFile, keyFile string) *LogReceiver {
 	t.Helper()
 	node, err := exec.LookPath("node")
 	if err != nil {
-		t.Fatalf("node is not installed: FluentServer (the TLS forward receiver) needs Node.js; install it (e.g. apt-get install nodejs npm) and run `make peers`")
+		missing(t, "node is not installed: FluentServer (the TLS forward receiver) needs Node.js; install it (e.g. apt-get install nodejs npm) and run `make peers`")
 	}
 	dir := os.Getenv("PEERS_DIR")
 	if dir == "" {
@@ -95,7 +95,7 @@ func StartFluentServer(t testing.TB, certFile, keyFile string) *LogReceiver {
 	}
 	script := filepath.Join(dir, "fluentserver", "server.js")
 	if _, err := os.Stat(filepath.Join(dir, "fluentserver", "node_modules", "@fluent-org", "logger")); err != nil {
-		t.Fatalf("FluentServer is not installed under %s: run `make peers` (test/peers/install.sh fluentserver)", filepath.Dir(script))
+		missing(t, "FluentServer is not installed under %s: run `make peers` (test/peers/install.sh fluentserver)", filepath.Dir(script))
 	}
 	tmp := t.TempDir()
 	port := FreePort(t)

@@ -58,6 +58,17 @@ func Root() string {
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
+// missing fails the test with the install command, or skips it under -short
+// (`make unit`, the inner loop that runs without peers); `make test` installs
+// them first, so there a missing peer is a failure, never a silent skip.
+func missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("-short: "+format, args...)
+	}
+	t.Fatalf(format, args...)
+}
+
 // Bin returns the path of an installed peer binary, failing the test with the
 // install command when it is missing.
 func Bin(t testing.TB, name string) string {
@@ -68,7 +79,7 @@ func Bin(t testing.TB, name string) string {
 	}
 	p := filepath.Join(dir, "bin", name)
 	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("peer %s is not installed at %s: run `make peers` (test/peers/install.sh %s) first", name, p, name)
+		missing(t, "peer %s is not installed at %s: run `make peers` (test/peers/install.sh %s) first", name, p, name)
 	}
 	return p
 }
