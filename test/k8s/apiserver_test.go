@@ -169,6 +169,30 @@ func TestAPIBarePods(t *testing.T) {
 	t.Logf("%d pod templates accepted as bare Pods under PSA restricted, and rejected without seccomp", pods)
 }
 
+// What kustomize cannot refuse, the API does: the logshipper on an app without a "logs" volume
+// (files-api logs to stdout) render a logshipper mount of a volume that does not exist. The
+// per-agent components are the way out (TestComponentsAlone); this is why they exist.
+func TestAPIDanglingMountRefused(t *testing.T) {
+	a := needAPI(t)
+	docs := renderFilesAPI(t, func(k string) string {
+		return strings.Replace(k, "//kustomize/components/syncer?", "//kustomize/components/logshipper?", 1)
+	})
+	dep := find(docs, "Deployment", "files-api")
+	if c := container(podSpec(dep), "logshipper"); c == nil {
+		t.Fatal("no logshipper rendered: the edit of the example failed")
+	}
+	pod := barePod(dep, "dangling-logs")
+	r := a.do(t, a.admin, "", "POST", "/api/v1/namespaces/files/pods?dryRun=All", pod)
+	if r.code != 422 || !strings.Contains(string(r.body), "volumeMounts") {
+		t.Fatalf("a logshipper mounting a missing volume: want 422 about volumeMounts, got %d %s", r.code, r.body)
+	}
+	// And the example as written (restore + syncer) is accepted.
+	pod = barePod(find(renderFilesAPI(t, nil), "Deployment", "files-api"), "files-api-ok")
+	if r := a.do(t, a.admin, "", "POST", "/api/v1/namespaces/files/pods?dryRun=All", pod); r.code != 201 || len(r.warnings) > 0 {
+		t.Fatalf("files-api example as a bare Pod: %d %v %s", r.code, r.warnings, r.body)
+	}
+}
+
 const ns = "uploads" // manifests/ namespace, applied for real by check.sh
 
 // upPod creates (for real) a Pod from manifests/deployment.yaml's template. No
