@@ -359,35 +359,113 @@ func TestComponentsAlone(t *testing.T) {
 	}
 }
 
-// The per-Pod prefix is one line (a component) and changes exactly STORE_URL of restore and
-// syncer in StatefulSets.
+// envValue is the value of the env variable name of container c ("" if absent).
+func envValue(c obj, name string) (string, bool) {
+	for _, e := range list(c, "env") {
+		if str(e, "name") == name {
+			return str(e, "value"), true
+		}
+	}
+	return "", false
+}
+
+// The per-Pod prefix is one line (a component) and sets exactly the agents' suffix in StatefulSets:
+// restore's and syncer's STORE_URL become <store-url>/<Pod name>; a STORE_URL of the user's own
+// containers, the Deployment of the same kustomization and the rest of the Pod stay as they are;
+// with classic sidecars (the syncer out of reach) the render fails instead of splitting prefixes.
 func TestPerPodPrefix(t *testing.T) {
-	docs := parseDocs(t, "statefulset", render(t, filepath.Join(root(), "kustomize", "overlays", "statefulset")))
-	var sts obj
-	for _, o := range docs {
-		if o["kind"] == "StatefulSet" {
-			sts = o
+	// overlays/statefulset: the real overlay.
+	for _, o := range parseDocs(t, "statefulset", render(t, filepath.Join(root(), "kustomize", "overlays", "statefulset"))) {
+		if o["kind"] != "StatefulSet" {
+			continue
 		}
-	}
-	if sts == nil {
-		t.Fatal("no StatefulSet in overlays/statefulset")
-	}
-	for _, a := range []string{"restore", "syncer"} {
-		var got string
-		for _, e := range list(container(podSpec(sts), a), "env") {
-			if str(e, "name") == "STORE_URL" {
-				got = str(e, "value")
+		for _, a := range []string{"restore", "syncer"} {
+			c := container(podSpec(o), a)
+			if v, _ := envValue(c, "PODKEEPER_STORE_SUFFIX"); v != "/$(POD_NAME)" {
+				t.Errorf("overlays/statefulset %s: PODKEEPER_STORE_SUFFIX %q, want /$(POD_NAME)", a, v)
 			}
-		}
-		if got != "$(PODKEEPER_STORE_URL)/$(POD_NAME)" {
-			t.Errorf("%s STORE_URL %q, want $(PODKEEPER_STORE_URL)/$(POD_NAME)", a, got)
+			if v, _ := envValue(c, "STORE_URL"); v != "$(PODKEEPER_STORE_URL)$(PODKEEPER_STORE_SUFFIX)" {
+				t.Errorf("overlays/statefulset %s: STORE_URL %q", a, v)
+			}
 		}
 	}
 	b, err := os.ReadFile(filepath.Join(root(), "kustomize", "overlays", "statefulset", "kustomization.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Contains(string(b), "op: ") && strings.Contains(string(b), "initContainers/") {
+	if strings.Contains(string(b), "initContainers/") {
 		t.Error("overlays/statefulset patches init containers by position")
+	}
+
+	// files-api as a StatefulSet, its migrate container with a STORE_URL of its own, next to a
+	// Deployment in the same kustomization.
+	app, err := os.ReadFile(filepath.Join(root(), "kustomize", "examples", "files-api", "files-api.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sts := strings.Replace(string(app), "kind: Deployment", "kind: StatefulSet", 1)
+	sts = strings.Replace(sts, "  strategy:\n    type: Recreate\n", "  serviceName: files-api\n", 1)
+	sts = strings.Replace(sts, "        args: [migrate, --data-dir=/var/lib/files-api]\n",
+		"        args: [migrate, --data-dir=/var/lib/files-api]\n        env:\n        - {name: STORE_URL, value: postgres://db/files}\n", 1)
+	if !strings.Contains(sts, "kind: StatefulSet") || !strings.Contains(sts, "postgres://db/files") || strings.Contains(sts, "strategy:") {
+		t.Fatal("could not turn files-api into a StatefulSet")
+	}
+	dep := strings.ReplaceAll(string(app), "files-api", "other-api")
+	run := func(t *testing.T, components ...string) ([]obj, error) {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "sts.yaml"), []byte(sts), 0o644)
+		os.WriteFile(filepath.Join(dir, "dep.yaml"), []byte(dep), 0o644)
+		rel, err := filepath.Rel(dir, filepath.Join(root(), "kustomize"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := "resources:\n- sts.yaml\n- dep.yaml\n- " + rel + "/base\ncomponents:\n"
+		for _, c := range components {
+			k += "- " + rel + "/components/" + c + "\n"
+		}
+		k += "configMapGenerator:\n- {name: podkeeper-attach, behavior: merge, literals: [uploads-volume=data, logs-volume=data]}\n"
+		os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644)
+		out, err := renderErr(dir)
+		if err != nil {
+			return nil, err
+		}
+		return parseDocs(t, "per-pod", out), nil
+	}
+	orig := find(parseDocs(t, "sts", []byte(sts)), "StatefulSet", "files-api")
+	for _, tc := range []struct {
+		components []string
+		agents     []string
+	}{
+		{[]string{"agents", "per-pod-prefix"}, []string{"restore", "syncer"}},
+		{[]string{"syncer", "per-pod-prefix"}, []string{"syncer"}},
+		{[]string{"restore", "syncer", "restore-first", "per-pod-prefix"}, []string{"restore", "syncer"}},
+	} {
+		t.Run(strings.Join(tc.components, "+"), func(t *testing.T) {
+			docs, err := run(t, tc.components...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := find(docs, "StatefulSet", "files-api")
+			for _, a := range tc.agents {
+				if v, _ := envValue(container(podSpec(s), a), "PODKEEPER_STORE_SUFFIX"); v != "/$(POD_NAME)" {
+					t.Errorf("%s: suffix %q, want /$(POD_NAME)", a, v)
+				}
+			}
+			for _, d := range hostDiff(orig, s) {
+				t.Errorf("host Pod rewritten: %s", d)
+			}
+			for _, v := range violations(s) {
+				t.Error(v)
+			}
+			d := find(docs, "Deployment", "other-api")
+			for _, a := range tc.agents {
+				if v, _ := envValue(container(podSpec(d), a), "PODKEEPER_STORE_SUFFIX"); v != "" {
+					t.Errorf("Deployment %s: suffix %q, want none (Pod names are random)", a, v)
+				}
+			}
+		})
+	}
+	if _, err := run(t, "classic-sidecars", "per-pod-prefix"); err == nil || !strings.Contains(err.Error(), "[name=syncer]") {
+		t.Errorf("classic-sidecars + per-pod-prefix must fail to render (restore and syncer would split prefixes), got %v", err)
 	}
 }

@@ -52,16 +52,19 @@ func parseDocs(t testing.TB, name string, b []byte) []obj {
 // render runs kustomize (the library kubectl embeds) on dir.
 func render(t testing.TB, dir string) []byte {
 	t.Helper()
-	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
-	m, err := k.Run(filesys.MakeFsOnDisk(), dir)
+	b, err := renderErr(dir)
 	if err != nil {
 		t.Fatalf("kustomize %s: %v", dir, err)
 	}
-	b, err := m.AsYaml()
-	if err != nil {
-		t.Fatal(err)
-	}
 	return b
+}
+
+func renderErr(dir string) ([]byte, error) {
+	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		return nil, err
+	}
+	return m.AsYaml()
 }
 
 func overlays(t testing.TB) []string {
@@ -415,8 +418,8 @@ func TestComponentMatchesManifests(t *testing.T) {
 		out := deepCopy(cs).([]any)
 		for _, c := range out {
 			for _, e := range list(c, "env") {
-				if str(e, "name") == "STORE_URL" {
-					e.(obj)["value"] = "$(PODKEEPER_STORE_URL)/$(POD_NAME)"
+				if str(e, "name") == "PODKEEPER_STORE_SUFFIX" {
+					e.(obj)["value"] = "/$(POD_NAME)"
 				}
 			}
 		}
