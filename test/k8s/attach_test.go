@@ -306,6 +306,7 @@ func TestComponentsAlone(t *testing.T) {
 		{"logshipper", []string{"logshipper"}, []string{"logs-volume=data", "logs-mount-path=/var/lib/files-api"}, []string{"migrate", "logshipper"}, false},
 		{"agents", []string{"agents"}, []string{"logs-volume=data"}, []string{"migrate", "restore", "syncer", "logshipper"}, false},
 		{"classic-sidecars", []string{"classic-sidecars"}, []string{"logs-volume=data"}, []string{"migrate", "restore"}, false},
+		{"workload-identity", []string{"restore", "syncer", "workload-identity"}, nil, []string{"migrate", "restore", "syncer"}, false},
 		// The point 3: all agents on an app without a logs volume. kustomize cannot
 		// refuse it; the checker (and the API) must.
 		{"agents without logs volume", []string{"agents"}, nil, []string{"migrate", "restore", "syncer", "logshipper"}, true},
@@ -347,6 +348,14 @@ func TestComponentsAlone(t *testing.T) {
 			if !tc.dangling {
 				for _, x := range v {
 					t.Error(x)
+				}
+			}
+			for _, a := range []string{"restore", "syncer"} {
+				if c := container(spec, a); c != nil {
+					refs := slices.ContainsFunc(list(c, "envFrom"), func(e any) bool { return get(e, "secretRef") != nil })
+					if want := !slices.Contains(tc.components, "workload-identity"); refs != want {
+						t.Errorf("%s: S3 secretRef present %v, want %v", a, refs, want)
+					}
 				}
 			}
 			for _, vol := range list(spec, "volumes") {
