@@ -256,8 +256,22 @@ func TestRemoteFilesAPI(t *testing.T) {
 	if got := str(dep, "spec", "template", "metadata", "annotations", "podkeeper.io/store-url"); got != "s3://acme-files/files-api" {
 		t.Errorf("store-url annotation %q", got)
 	}
-	if rb := find(docs, "RoleBinding", "podkeeper-agents"); rb == nil || str(list(rb, "subjects")[0], "name") != "files-api" {
-		t.Errorf("RoleBinding not bound to files-api's ServiceAccount: %v", rb)
+	if rb := find(docs, "RoleBinding", "podkeeper-agents-files-api"); rb == nil || str(list(rb, "subjects")[0], "name") != "files-api" || str(rb, "roleRef", "name") != "podkeeper-agents" {
+		t.Errorf("no RoleBinding podkeeper-agents-files-api of the Role to files-api's ServiceAccount: %v", rb)
+	}
+	// The agents' ConfigMap is this kustomization's own (hash-suffixed), the agents name it, and the
+	// user's patch reached it.
+	for _, a := range []string{"restore", "syncer"} {
+		for _, e := range list(container(spec, a), "envFrom") {
+			if n := str(e, "configMapRef", "name"); n != "" {
+				cm := find(docs, "ConfigMap", n)
+				if !hashed.MatchString(n) || cm == nil {
+					t.Errorf("%s reads ConfigMap %q: not a generated podkeeper-<hash> of this render", a, n)
+				} else if str(cm, "data", "S3_REGION") != "eu-west-1" {
+					t.Errorf("ConfigMap %s: the user's S3_REGION patch is missing: %v", n, cm["data"])
+				}
+			}
+		}
 	}
 	if find(docs, "ConfigMap", "podkeeper-attach") != nil {
 		t.Error("podkeeper-attach (local-config) is in the output")

@@ -128,6 +128,26 @@ func podSpec(o obj) obj {
 	return nil
 }
 
+// kustomize/base generates the agents' ConfigMap with a hash suffix (podkeeper-<hash>), manifests/
+// names it podkeeper.
+var hashed = regexp.MustCompile(`^podkeeper-[a-z0-9]{10}$`)
+
+func agentsConfigMap(name string) bool { return name == "podkeeper" || hashed.MatchString(name) }
+
+// unhashed returns the containers with the agents' ConfigMap references named podkeeper, as the
+// components write them before kustomize appends the hash.
+func unhashed(cs []any) []any {
+	out := deepCopy(cs).([]any)
+	for _, c := range out {
+		for _, e := range list(c, "envFrom") {
+			if r, ok := get(e, "configMapRef").(obj); ok && agentsConfigMap(str(r, "name")) {
+				r["name"] = "podkeeper"
+			}
+		}
+	}
+	return out
+}
+
 var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
 
 var agentNames = []string{"restore", "syncer", "logshipper"}
@@ -443,7 +463,7 @@ func TestComponentMatchesManifests(t *testing.T) {
 	}{{"dev", comp}, {"statefulset", perPod(comp)}} {
 		for _, d := range parseDocs(t, o.name, render(t, filepath.Join(root(), "kustomize", "overlays", o.name))) {
 			if str(d, "metadata", "labels", "podkeeper.io/agents") == "enabled" {
-				if got := list(podSpec(d), "initContainers"); !reflect.DeepEqual(got, o.want) {
+				if got := unhashed(list(podSpec(d), "initContainers")); !reflect.DeepEqual(got, o.want) {
 					t.Errorf("overlays/%s: rendered agents differ from the components' (kustomize/base/attach.yaml defaults drifted?)", o.name)
 				}
 			}
@@ -508,11 +528,12 @@ func TestConfigMapKeysAreKnownVariables(t *testing.T) {
 // the Secret is required wherever the agents use keys, absent where the overlay
 // uses workload identity (aws), and IMDS is off in every agents' ConfigMap.
 func TestS3CredentialsNeverFallBack(t *testing.T) {
-	checked := 0
+	checked, configMaps := 0, 0
 	for _, s := range sources(t) {
 		identity := strings.HasSuffix(s.name, "/aws")
 		for _, o := range s.docs {
-			if o["kind"] == "ConfigMap" && str(o, "metadata", "name") == "podkeeper" {
+			if o["kind"] == "ConfigMap" && agentsConfigMap(str(o, "metadata", "name")) {
+				configMaps++
 				if v := str(o, "data", "AWS_EC2_METADATA_DISABLED"); v != "true" {
 					t.Errorf("%s: ConfigMap podkeeper has AWS_EC2_METADATA_DISABLED=%q, want \"true\"", s.name, v)
 				}
@@ -544,6 +565,10 @@ func TestS3CredentialsNeverFallBack(t *testing.T) {
 				}
 			}
 		}
+	}
+	// manifests/config.yaml, every overlay and the files-api example.
+	if configMaps < 1+len(overlays(t))+1 {
+		t.Errorf("only %d agents' ConfigMaps found", configMaps)
 	}
 	if checked < 2*(2+len(overlays(t))) {
 		t.Fatalf("only %d restore/syncer containers found", checked)
