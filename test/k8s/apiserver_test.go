@@ -193,6 +193,26 @@ func TestAPIDanglingMountRefused(t *testing.T) {
 	}
 }
 
+// The agents attached to files-api run as files-api's own ServiceAccount: the example's RoleBinding
+// gives exactly that account the agents' rights in its namespace (check.sh applied the example), and
+// another account of the namespace gets none.
+func TestAPIUserServiceAccount(t *testing.T) {
+	a := needAPI(t)
+	c := a.tokenClient(t)
+	event := obj{"apiVersion": "v1", "kind": "Event", "metadata": obj{"generateName": "files-api."},
+		"involvedObject": obj{"apiVersion": "v1", "kind": "Pod", "name": "files-api-0", "namespace": "files"},
+		"reason":         "RBACTest", "message": "m", "type": "Normal", "count": 1}
+	if r := a.do(t, c, a.saToken(t, "files", "files-api"), "POST", "/api/v1/namespaces/files/events", event); r.code != 201 {
+		t.Fatalf("create event as files-api's ServiceAccount: %d %s", r.code, r.body)
+	}
+	if r := a.do(t, c, a.saToken(t, "files", "default"), "POST", "/api/v1/namespaces/files/events", event); r.code != 403 {
+		t.Fatalf("create event as the namespace's default ServiceAccount: want 403, got %d", r.code)
+	}
+	if r := a.do(t, c, a.saToken(t, "files", "files-api"), "GET", "/api/v1/namespaces/files/pods", nil); r.code != 403 {
+		t.Fatalf("list pods as files-api's ServiceAccount: want 403, got %d", r.code)
+	}
+}
+
 const ns = "uploads" // manifests/ namespace, applied for real by check.sh
 
 // upPod creates (for real) a Pod from manifests/deployment.yaml's template. No
