@@ -22,9 +22,19 @@ const githubURL = "https://github.com/podkeeper/podkeeper"
 
 var (
 	remoteOnce sync.Once
+	remoteDir  string
 	remoteURL  string
 	remoteErr  error
 )
+
+// TestMain removes the clone remoteRepo made (it outlives single tests: one clone per run).
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if remoteDir != "" {
+		os.RemoveAll(remoteDir)
+	}
+	os.Exit(code)
+}
 
 // remoteRepo makes a git repository holding this tree's kustomize/ (working copy, so uncommitted
 // changes are tested too), tagged with the ref the files-api example pins, and returns its
@@ -37,6 +47,7 @@ func remoteRepo(t testing.TB) string {
 			remoteErr = err
 			return
 		}
+		remoteDir = dir
 		if err := os.CopyFS(filepath.Join(dir, "kustomize"), os.DirFS(filepath.Join(root(), "kustomize"))); err != nil {
 			remoteErr = err
 			return
