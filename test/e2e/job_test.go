@@ -14,8 +14,8 @@ import (
 
 // TestJobCompletes: a Job whose Pod carries the agents completes — native sidecars do not keep
 // it running — and what the app wrote just before it exited is still uploaded and shipped (the
-// sidecars drain after the app is gone). components/agents only patches Deployments and
-// StatefulSets, so the Job's Pod template is taken verbatim from the rendered Deployment
+// sidecars drain after the app is gone). components/agents only patches apps/v1 workloads
+// (Deployments, StatefulSets), so the Job's Pod template is taken verbatim from the rendered Deployment
 // variant: the same agents, settings and security context a user gets.
 func TestJobCompletes(t *testing.T) {
 	needAgents(t)

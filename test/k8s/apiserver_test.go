@@ -169,6 +169,50 @@ func TestAPIBarePods(t *testing.T) {
 	t.Logf("%d pod templates accepted as bare Pods under PSA restricted, and rejected without seccomp", pods)
 }
 
+// What kustomize cannot refuse, the API does: the logshipper on an app without a "logs" volume
+// (files-api logs to stdout) render a logshipper mount of a volume that does not exist. The
+// per-agent components are the way out (TestComponentsAlone); this is why they exist.
+func TestAPIDanglingMountRefused(t *testing.T) {
+	a := needAPI(t)
+	docs := renderFilesAPI(t, func(k string) string {
+		return strings.Replace(k, "//kustomize/components/syncer?", "//kustomize/components/logshipper?", 1)
+	})
+	dep := find(docs, "Deployment", "files-api")
+	if c := container(podSpec(dep), "logshipper"); c == nil {
+		t.Fatal("no logshipper rendered: the edit of the example failed")
+	}
+	pod := barePod(dep, "dangling-logs")
+	r := a.do(t, a.admin, "", "POST", "/api/v1/namespaces/files/pods?dryRun=All", pod)
+	if r.code != 422 || !strings.Contains(string(r.body), "volumeMounts") {
+		t.Fatalf("a logshipper mounting a missing volume: want 422 about volumeMounts, got %d %s", r.code, r.body)
+	}
+	// And the example as written (restore + syncer) is accepted.
+	pod = barePod(find(renderFilesAPI(t, nil), "Deployment", "files-api"), "files-api-ok")
+	if r := a.do(t, a.admin, "", "POST", "/api/v1/namespaces/files/pods?dryRun=All", pod); r.code != 201 || len(r.warnings) > 0 {
+		t.Fatalf("files-api example as a bare Pod: %d %v %s", r.code, r.warnings, r.body)
+	}
+}
+
+// The agents attached to files-api run as files-api's own ServiceAccount: the example's RoleBinding
+// gives exactly that account the agents' rights in its namespace (check.sh applied the example), and
+// another account of the namespace gets none.
+func TestAPIUserServiceAccount(t *testing.T) {
+	a := needAPI(t)
+	c := a.tokenClient(t)
+	event := obj{"apiVersion": "v1", "kind": "Event", "metadata": obj{"generateName": "files-api."},
+		"involvedObject": obj{"apiVersion": "v1", "kind": "Pod", "name": "files-api-0", "namespace": "files"},
+		"reason":         "RBACTest", "message": "m", "type": "Normal", "count": 1}
+	if r := a.do(t, c, a.saToken(t, "files", "files-api"), "POST", "/api/v1/namespaces/files/events", event); r.code != 201 {
+		t.Fatalf("create event as files-api's ServiceAccount: %d %s", r.code, r.body)
+	}
+	if r := a.do(t, c, a.saToken(t, "files", "default"), "POST", "/api/v1/namespaces/files/events", event); r.code != 403 {
+		t.Fatalf("create event as the namespace's default ServiceAccount: want 403, got %d", r.code)
+	}
+	if r := a.do(t, c, a.saToken(t, "files", "files-api"), "GET", "/api/v1/namespaces/files/pods", nil); r.code != 403 {
+		t.Fatalf("list pods as files-api's ServiceAccount: want 403, got %d", r.code)
+	}
+}
+
 const ns = "uploads" // manifests/ namespace, applied for real by check.sh
 
 // upPod creates (for real) a Pod from manifests/deployment.yaml's template. No

@@ -3,7 +3,8 @@
 #  1. builds kube-apiserver + kubectl v1.34.4 and etcd v3.6.4 from the Go module proxy (build.sh; cached in
 #     .cache/k8s/bin: ~25 min cold on 2 shared cores, instant warm);
 #  2. generates a throwaway PKI and starts etcd + kube-apiserver on 127.0.0.1, random free ports;
-#  3. renders manifests/ and every kustomize/overlays/* with the kubectl built in 1 and applies each with
+#  3. renders manifests/, every kustomize/overlays/* and kustomize/examples/files-api (podkeeper fetched from
+#     a local git clone pinned to the example's tag) with the kubectl built in 1 and applies each with
 #     server-side dry-run into its namespace (Pod Security "restricted" enforced): any warning fails;
 #  4. runs test/k8s's Go tests with PODKEEPER_K8S_API=1: bare-Pod dry-runs of every pod template (PSA
 #     rejects violations on Pods), RBAC with a real token of the agents' ServiceAccount, agents/kube
@@ -138,6 +139,15 @@ for d in kustomize/overlays/*/; do
   "${K[@]}" kustomize "$d" >"$R/overlay-$n.yaml"
   dryrun "overlay $n" "$R/overlay-$n.yaml"
 done
+# The files-api example as its user renders it: podkeeper fetched by kustomize from git, pinned to
+# the example's tag, the GitHub address pointed at a local clone of this tree's kustomize/.
+REPO=$W/podkeeper-remote; mkdir -p "$REPO" "$W/files-api"; cp -r kustomize "$REPO/"
+ref=$(grep -o '?ref=v[0-9.]*' kustomize/examples/files-api/kustomization.yaml | head -1 | cut -d= -f2)
+(cd "$REPO" && git init -q -b main && git add -A && git -c user.email=test@podkeeper -c user.name=test commit -qm t && git tag "$ref")
+cp kustomize/examples/files-api/files-api.yaml "$W/files-api/"
+sed "s#https://github.com/podkeeper/podkeeper#file://$REPO#g" kustomize/examples/files-api/kustomization.yaml >"$W/files-api/kustomization.yaml"
+"${K[@]}" kustomize "$W/files-api" >"$R/example-files-api.yaml"
+dryrun "example files-api (remote, $ref)" "$R/example-files-api.yaml"
 [ $fail = 0 ] || exit 1
 
 # --- Go tests against the apiserver

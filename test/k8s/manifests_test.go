@@ -52,16 +52,19 @@ func parseDocs(t testing.TB, name string, b []byte) []obj {
 // render runs kustomize (the library kubectl embeds) on dir.
 func render(t testing.TB, dir string) []byte {
 	t.Helper()
-	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
-	m, err := k.Run(filesys.MakeFsOnDisk(), dir)
+	b, err := renderErr(dir)
 	if err != nil {
 		t.Fatalf("kustomize %s: %v", dir, err)
 	}
-	b, err := m.AsYaml()
-	if err != nil {
-		t.Fatal(err)
-	}
 	return b
+}
+
+func renderErr(dir string) ([]byte, error) {
+	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		return nil, err
+	}
+	return m.AsYaml()
 }
 
 func overlays(t testing.TB) []string {
@@ -90,6 +93,7 @@ func sources(t testing.TB) []source {
 	for _, d := range overlays(t) {
 		out = append(out, source{"kustomize/overlays/" + filepath.Base(d), parseDocs(t, d, render(t, d))})
 	}
+	out = append(out, source{"kustomize/examples/files-api (remote)", renderFilesAPI(t, nil)})
 	return out
 }
 
@@ -122,6 +126,26 @@ func podSpec(o obj) obj {
 		return s
 	}
 	return nil
+}
+
+// kustomize/base generates the agents' ConfigMap with a hash suffix (podkeeper-<hash>), manifests/
+// names it podkeeper.
+var hashed = regexp.MustCompile(`^podkeeper-[a-z0-9]{10}$`)
+
+func agentsConfigMap(name string) bool { return name == "podkeeper" || hashed.MatchString(name) }
+
+// unhashed returns the containers with the agents' ConfigMap references named podkeeper, as the
+// components write them before kustomize appends the hash.
+func unhashed(cs []any) []any {
+	out := deepCopy(cs).([]any)
+	for _, c := range out {
+		for _, e := range list(c, "envFrom") {
+			if r, ok := get(e, "configMapRef").(obj); ok && agentsConfigMap(str(r, "name")) {
+				r["name"] = "podkeeper"
+			}
+		}
+	}
+	return out
 }
 
 var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
@@ -213,22 +237,66 @@ func violations(o obj) []string {
 			}
 		}
 	}
-	// podkeeper wiring: where the agents are, they are complete and in order.
-	_, hasRestore := seen["restore"]
-	if hasRestore || str(o, "metadata", "labels", "podkeeper.io/agents") == "enabled" {
-		for _, a := range agentNames {
-			if _, ok := seen[a]; !ok {
-				bad("agent %s missing", a)
+	// Every volumeMount names a volume of the Pod: kustomize renders a dangling one without a
+	// complaint (an app without a "logs" volume given the logshipper), the API refuses it.
+	vols := map[string]bool{}
+	for _, vol := range list(spec, "volumes") {
+		vols[str(vol, "name")] = true
+	}
+	for _, c := range all {
+		for _, m := range list(c, "volumeMounts") {
+			if !vols[str(m, "name")] {
+				bad("%s: volumeMount %s names no volume of the Pod", str(c, "name"), str(m, "name"))
 			}
 		}
+	}
+	// podkeeper wiring: each agent that is there is complete, restricted on its own (whatever
+	// the Pod says) and in order.
+	_, hasRestore := seen["restore"]
+	agents := 0
+	for _, a := range agentNames {
+		i, ok := seen[a]
+		if !ok {
+			continue
+		}
+		agents++
+		c := all[i]
+		sc, _ := get(c, "securityContext").(obj)
+		for k, want := range map[string]any{"runAsNonRoot": true, "runAsUser": 65532.0, "runAsGroup": 65532.0} {
+			if sc[k] != want {
+				bad("%s: container securityContext %s must be %v, whatever the Pod sets", a, k, want)
+			}
+		}
+		if str(sc, "seccompProfile", "type") != "RuntimeDefault" {
+			bad("%s: container seccompProfile must be RuntimeDefault, whatever the Pod sets", a)
+		}
+		if !slices.ContainsFunc(list(c, "volumeMounts"), func(m any) bool {
+			return str(m, "name") == "podkeeper-kube-api" && get(m, "readOnly") == true
+		}) {
+			bad("%s: must mount its own API token (podkeeper-kube-api, read-only)", a)
+		}
+		env := map[string]bool{}
+		for _, e := range list(c, "env") {
+			env[str(e, "name")] = true
+		}
+		for _, k := range []string{"POD_NAME", "POD_NAMESPACE", "POD_UID", "NODE_NAME"} {
+			if !env[k] {
+				bad("%s: env %s (downward API) missing", a, k)
+			}
+		}
+	}
+	if agents == 0 && str(o, "metadata", "labels", "podkeeper.io/agents") == "enabled" {
+		bad("labelled podkeeper.io/agents=enabled but no agent attached")
+	}
+	if agents > 0 {
 		inits := list(spec, "initContainers")
-		if !slices.ContainsFunc(inits, func(c any) bool { return str(c, "name") == "restore" }) {
+		if _, ok := seen["restore"]; ok && !slices.ContainsFunc(inits, func(c any) bool { return str(c, "name") == "restore" }) {
 			bad("restore must be an init container")
 		}
 		for i, c := range inits {
 			n := str(c, "name")
 			if n == "syncer" || n == "logshipper" {
-				if i < seen["restore"] {
+				if hasRestore && i < seen["restore"] {
 					bad("%s declared before restore: it would start before the restore finished", n)
 				}
 				if str(c, "restartPolicy") != "Always" {
@@ -236,27 +304,24 @@ func violations(o obj) []string {
 				}
 			}
 		}
+		if s, ok := seen["syncer"]; ok {
+			if l, ok := seen["logshipper"]; ok && l < s {
+				bad("logshipper declared before syncer")
+			}
+		}
 		for _, n := range []string{"syncer", "logshipper"} {
 			if i, ok := seen[n]; ok && (get(all[i], "startupProbe") == nil || get(all[i], "livenessProbe") == nil) {
 				bad("%s: startupProbe and livenessProbe required", n)
 			}
 		}
-		if get(spec, "automountServiceAccountToken") != false {
-			bad("automountServiceAccountToken must be false: only the agents mount a token (podkeeper-kube-api)")
-		}
-		if g, _ := get(spec, "securityContext", "fsGroup").(float64); g != 65532 {
-			bad("pod fsGroup must be 65532 (PVC uploads volumes writable by the agents)")
-		}
-		for _, n := range agentNames {
-			if i, ok := seen[n]; ok && !slices.ContainsFunc(list(all[i], "volumeMounts"), func(m any) bool {
-				return str(m, "name") == "podkeeper-kube-api" && get(m, "readOnly") == true
-			}) {
-				bad("%s: must mount its own API token (podkeeper-kube-api, read-only)", n)
+		if _, ok := spec["terminationGracePeriodSeconds"]; ok {
+			// Our examples set it (the components never do): it must leave the sidecars their time.
+			grace, _ := get(spec, "terminationGracePeriodSeconds").(float64)
+			if grace < 25+20+5 {
+				bad("terminationGracePeriodSeconds %v must exceed SYNC_SHUTDOWN_TIMEOUT (25s) + LOGSHIP_SHUTDOWN_TIMEOUT (20s) + the app's own", grace)
 			}
-		}
-		grace, _ := get(spec, "terminationGracePeriodSeconds").(float64)
-		if grace < 25+20+5 {
-			bad("terminationGracePeriodSeconds %v must exceed SYNC_SHUTDOWN_TIMEOUT (25s) + LOGSHIP_SHUTDOWN_TIMEOUT (20s) + the app's own", grace)
+		} else {
+			bad("terminationGracePeriodSeconds unset (30 s): too short for the app + LOGSHIP_SHUTDOWN_TIMEOUT (20s) + SYNC_SHUTDOWN_TIMEOUT (25s)")
 		}
 	}
 	return v
@@ -313,19 +378,26 @@ func TestRestrictedCheckerCatchesEachSetting(t *testing.T) {
 			delete(get(s, "securityContext").(obj), "seccompProfile")
 			delete(get(list(s, "initContainers")[0], "securityContext").(obj), "seccompProfile")
 		},
-		"privileged":        func(s obj) { get(list(s, "initContainers")[1], "securityContext").(obj)["privileged"] = true },
-		"hostNetwork":       func(s obj) { s["hostNetwork"] = true },
-		"hostPath":          func(s obj) { s["volumes"] = append(list(s, "volumes"), obj{"name": "h", "hostPath": obj{"path": "/"}}) },
-		"root user":         func(s obj) { get(list(s, "initContainers")[0], "securityContext").(obj)["runAsUser"] = 0.0 },
-		"memory limit":      func(s obj) { delete(get(list(s, "initContainers")[1], "resources", "limits").(obj), "memory") },
-		"sidecar policy":    func(s obj) { delete(list(s, "initContainers")[1].(obj), "restartPolicy") },
-		"startup probe":     func(s obj) { delete(list(s, "initContainers")[2].(obj), "startupProbe") },
-		"grace period":      func(s obj) { s["terminationGracePeriodSeconds"] = 30.0 },
-		"agent missing":     func(s obj) { s["initContainers"] = list(s, "initContainers")[:2] },
-		"restore not first": func(s obj) { l := list(s, "initContainers"); l[0], l[1] = l[1], l[0] },
-		"automount":         func(s obj) { delete(s, "automountServiceAccountToken") },
-		"fsGroup":           func(s obj) { delete(get(s, "securityContext").(obj), "fsGroup") },
-		"token mount":       func(s obj) { c := list(s, "initContainers")[2].(obj); c["volumeMounts"] = list(c, "volumeMounts")[:2] },
+		"privileged":     func(s obj) { get(list(s, "initContainers")[1], "securityContext").(obj)["privileged"] = true },
+		"hostNetwork":    func(s obj) { s["hostNetwork"] = true },
+		"hostPath":       func(s obj) { s["volumes"] = append(list(s, "volumes"), obj{"name": "h", "hostPath": obj{"path": "/"}}) },
+		"root user":      func(s obj) { get(list(s, "initContainers")[0], "securityContext").(obj)["runAsUser"] = 0.0 },
+		"memory limit":   func(s obj) { delete(get(list(s, "initContainers")[1], "resources", "limits").(obj), "memory") },
+		"sidecar policy": func(s obj) { delete(list(s, "initContainers")[1].(obj), "restartPolicy") },
+		"startup probe":  func(s obj) { delete(list(s, "initContainers")[2].(obj), "startupProbe") },
+		"grace period":   func(s obj) { s["terminationGracePeriodSeconds"] = 30.0 },
+		"dangling mount": func(s obj) {
+			s["volumes"] = slices.DeleteFunc(list(s, "volumes"), func(v any) bool { return str(v, "name") == "logs" })
+		},
+		"agent runAsGroup": func(s obj) { delete(get(list(s, "initContainers")[1], "securityContext").(obj), "runAsGroup") },
+		"agent seccomp (the Pod has one)": func(s obj) {
+			delete(get(list(s, "initContainers")[2], "securityContext").(obj), "seccompProfile")
+		},
+		"agent downward env":       func(s obj) { c := list(s, "initContainers")[0].(obj); c["env"] = list(c, "env")[1:] },
+		"logshipper before syncer": func(s obj) { l := list(s, "initContainers"); l[1], l[2] = l[2], l[1] },
+		"restore not first":        func(s obj) { l := list(s, "initContainers"); l[0], l[1] = l[1], l[0] },
+		"grace unset":              func(s obj) { delete(s, "terminationGracePeriodSeconds") },
+		"token mount":              func(s obj) { c := list(s, "initContainers")[2].(obj); c["volumeMounts"] = list(c, "volumeMounts")[:2] },
 		"env order": func(s obj) {
 			c := list(s, "initContainers")[0].(obj)
 			c["env"] = append([]any{obj{"name": "STORE_URL", "value": "s3://b/$(POD_NAME)"}}, list(c, "env")...)
@@ -340,37 +412,73 @@ func TestRestrictedCheckerCatchesEachSetting(t *testing.T) {
 	}
 }
 
-// components/agents/agents.yaml is the kustomize form of manifests/deployment.yaml's
-// agents; classic-sidecars the same without restartPolicy. They must not drift.
+// components/{restore,syncer,logshipper} hold the agents' containers, manifests/*.yaml the same
+// containers written out, classic-sidecars the sidecars without restartPolicy, and the rendered
+// overlays the same again after the settings of kustomize/base/attach.yaml were copied in (so the
+// defaults there match the containers'). None of them may drift.
 func TestComponentMatchesManifests(t *testing.T) {
-	read := func(p string) obj {
-		b, err := os.ReadFile(filepath.Join(root(), p))
-		if err != nil {
-			t.Fatal(err)
+	read := func(p string) obj { return readDocs(t, p)[0] }
+	patch := func(p string) obj { return get(read(p), "spec", "template", "spec").(obj) }
+	var comp []any
+	compVols := map[string]any{}
+	for _, a := range agentNames {
+		s := patch("kustomize/components/" + a + "/" + a + ".yaml")
+		if len(list(s, "initContainers")) != 1 || len(s) != 2 {
+			t.Errorf("components/%s/%s.yaml sets more than its container and volumes: %v", a, a, keys(s))
 		}
-		return parseDocs(t, p, b)[0]
-	}
-	dep := podSpec(read("manifests/deployment.yaml"))
-	comp := get(read("kustomize/components/agents/agents.yaml"), "spec", "template", "spec").(obj)
-	if !reflect.DeepEqual(list(dep, "initContainers"), list(comp, "initContainers")) {
-		t.Error("components/agents/agents.yaml initContainers differ from manifests/deployment.yaml's")
-	}
-	for _, k := range []string{"securityContext", "terminationGracePeriodSeconds", "serviceAccountName", "automountServiceAccountToken"} {
-		if !reflect.DeepEqual(dep[k], comp[k]) {
-			t.Errorf("component %s = %v, manifests %v", k, comp[k], dep[k])
+		comp = append(comp, list(s, "initContainers")...)
+		for _, v := range list(s, "volumes") {
+			if w, ok := compVols[str(v, "name")]; ok && !reflect.DeepEqual(w, v) {
+				t.Errorf("volume %s differs between components", str(v, "name"))
+			}
+			compVols[str(v, "name")] = v
 		}
 	}
-	classic := get(read("kustomize/components/classic-sidecars/agents.yaml"), "spec", "template", "spec").(obj)
-	want := list(dep, "initContainers")
-	got := append(append([]any{}, list(classic, "initContainers")...), list(classic, "containers")...)
-	if len(got) != len(want) {
-		t.Fatalf("classic-sidecars has %d agents", len(got))
+	perPod := func(cs []any) []any {
+		out := deepCopy(cs).([]any)
+		for _, c := range out {
+			for _, e := range list(c, "env") {
+				if str(e, "name") == "PODKEEPER_STORE_SUFFIX" {
+					e.(obj)["value"] = "/$(POD_NAME)"
+				}
+			}
+		}
+		return out
 	}
-	for i := range want {
-		w := maps(want[i].(obj))
+	for f, want := range map[string][]any{"manifests/deployment.yaml": comp, "manifests/statefulset.yaml": perPod(comp)} {
+		spec := podSpec(read(f))
+		if !reflect.DeepEqual(list(spec, "initContainers"), want) {
+			t.Errorf("%s: initContainers differ from components/{restore,syncer,logshipper}", f)
+		}
+		for n, v := range compVols {
+			i := slices.IndexFunc(list(spec, "volumes"), func(x any) bool { return str(x, "name") == n })
+			if i < 0 || !reflect.DeepEqual(list(spec, "volumes")[i], v) {
+				t.Errorf("%s: volume %s differs from the components'", f, n)
+			}
+		}
+	}
+	for _, o := range []struct {
+		name string
+		want []any
+	}{{"dev", comp}, {"statefulset", perPod(comp)}} {
+		for _, d := range parseDocs(t, o.name, render(t, filepath.Join(root(), "kustomize", "overlays", o.name))) {
+			if str(d, "metadata", "labels", "podkeeper.io/agents") == "enabled" {
+				if got := unhashed(list(podSpec(d), "initContainers")); !reflect.DeepEqual(got, o.want) {
+					t.Errorf("overlays/%s: rendered agents differ from the components' (kustomize/base/attach.yaml defaults drifted?)", o.name)
+				}
+			}
+		}
+	}
+	classic := patch("kustomize/components/classic-sidecars/sidecars.yaml")
+	got := list(classic, "containers")
+	if len(got) != 2 {
+		t.Fatalf("classic-sidecars has %d sidecars", len(got))
+	}
+	for i, w := range comp[1:] {
+		w := maps(w.(obj))
 		delete(w, "restartPolicy")
 		if !reflect.DeepEqual(w, got[i]) {
-			t.Errorf("classic-sidecars %s differs from manifests", str(want[i], "name"))
+			t.Errorf("classic-sidecars %s differs from components/%s", str(w, "name"), str(w, "name"))
 		}
 	}
 }
@@ -420,11 +528,12 @@ func TestConfigMapKeysAreKnownVariables(t *testing.T) {
 // the Secret is required wherever the agents use keys, absent where the overlay
 // uses workload identity (aws), and IMDS is off in every agents' ConfigMap.
 func TestS3CredentialsNeverFallBack(t *testing.T) {
-	checked := 0
+	checked, configMaps := 0, 0
 	for _, s := range sources(t) {
 		identity := strings.HasSuffix(s.name, "/aws")
 		for _, o := range s.docs {
-			if o["kind"] == "ConfigMap" && str(o, "metadata", "name") == "podkeeper" {
+			if o["kind"] == "ConfigMap" && agentsConfigMap(str(o, "metadata", "name")) {
+				configMaps++
 				if v := str(o, "data", "AWS_EC2_METADATA_DISABLED"); v != "true" {
 					t.Errorf("%s: ConfigMap podkeeper has AWS_EC2_METADATA_DISABLED=%q, want \"true\"", s.name, v)
 				}
@@ -456,6 +565,10 @@ func TestS3CredentialsNeverFallBack(t *testing.T) {
 				}
 			}
 		}
+	}
+	// manifests/config.yaml, every overlay and the files-api example.
+	if configMaps < 1+len(overlays(t))+1 {
+		t.Errorf("only %d agents' ConfigMaps found", configMaps)
 	}
 	if checked < 2*(2+len(overlays(t))) {
 		t.Fatalf("only %d restore/syncer containers found", checked)
