@@ -24,8 +24,10 @@ func TestCleanRunExactlyOnce(t *testing.T) {
 	b := newWriter(t, filepath.Join(dir, "b.log"), "b", 20)
 	a.write(3000) // before start: read from the beginning
 	p := startShipper(t, append(baseEnv(t, r, dir), "LOGSHIP_BATCH_RECORDS=500", "FLUENT_TAG=app.upload")...)
-	if resp, err := http.Get("http://" + p.http + "/healthz"); err != nil || resp.StatusCode != 200 {
-		t.Fatalf("/healthz: %v %v", resp, err)
+	for _, probe := range []string{"/healthz", "/startupz"} {
+		if resp, err := http.Get("http://" + p.http + probe); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("%s: %v %v", probe, resp, err)
+		}
 	}
 	a.write(2000)
 	b.write(2500)

@@ -43,6 +43,9 @@ func (r *reader) run(ctx context.Context, stop <-chan struct{}) error {
 		return err
 	}
 	r.health.SetReady(nil)
+	// Started: the files that exist are being read and what is read reaches the
+	// receiver or the spool, so the app's first lines are not missed.
+	r.health.SetStarted()
 	tick := time.NewTicker(pollEvery)
 	defer tick.Stop()
 	for {

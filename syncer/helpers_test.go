@@ -219,6 +219,13 @@ func (r *recordingMultiparter) AbortMultipart(ctx context.Context, key, uploadID
 	return r.mp.AbortMultipart(ctx, key, uploadID)
 }
 
+// probe asks the syncer's health handler for path, as the kubelet would.
+func probe(r *running, path string) (int, string) {
+	w := httptest.NewRecorder()
+	r.s.health.Handler().ServeHTTP(w, httptest.NewRequest(http.MethodGet, path, nil))
+	return w.Code, w.Body.String()
+}
+
 func waitReady(t *testing.T, r *running) {
 	t.Helper()
 	err := peers.WaitFor(context.Background(), 60*time.Second, func() error {

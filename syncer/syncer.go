@@ -120,6 +120,9 @@ func (s *Syncer) Run(ctx context.Context) error {
 		return err
 	}
 	s.health.SetReady(nil)
+	// The app may start now (native sidecar startup probe): every file it
+	// writes from here on is seen.
+	s.health.SetStarted()
 	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.snap.files))
 
 	defer s.startWorkers(workCtx, workCancel)()
@@ -415,6 +418,11 @@ func (s *Syncer) onResult(r result, now time.Time) {
 // the queue metrics.
 func (s *Syncer) housekeep(ctx context.Context, now time.Time) {
 	s.health.Beat()
+	if n := s.up.retrying.Load(); n > 0 {
+		s.health.SetReady(fmt.Errorf("store failing: %d upload(s) retrying", n))
+	} else {
+		s.health.SetReady(nil)
+	}
 	if s.w.rescanDue(now) {
 		s.rescanOrRetry()
 	}

@@ -667,19 +667,29 @@ func testOutage(t *testing.T, srv *peers.S3Server) {
 		add()
 	}
 	waitObject(t, srv, prefix, "o/000.bin", want["o/000.bin"], 30*time.Second)
+	if code, _ := probe(r, "/startupz"); code != http.StatusOK {
+		t.Fatalf("/startupz %d while watching", code)
+	}
 	srv.Stop()
 	tick := time.NewTicker(250 * time.Millisecond)
 	outage := time.NewTimer(10 * time.Second)
+	unready := false
 during:
 	for {
 		select {
 		case <-tick.C:
 			add()
+			if code, body := probe(r, "/readyz"); code == http.StatusServiceUnavailable && strings.Contains(body, "store failing") {
+				unready = true
+			}
 		case <-outage.C:
 			break during
 		}
 	}
 	tick.Stop()
+	if !unready {
+		t.Error("/readyz stayed ready through a 10 s outage that failed uploads")
+	}
 	srv.Restart(t)
 	for range 10 {
 		add()
@@ -687,6 +697,7 @@ during:
 	for rel, b := range want {
 		waitObject(t, srv, prefix, rel, b, 90*time.Second)
 	}
+	waitReady(t, r) // ready again once the store answers
 	if err := r.shutdown(t); err != nil {
 		t.Fatal(err)
 	}

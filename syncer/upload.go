@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -46,6 +47,9 @@ type uploader struct {
 	log     *slog.Logger
 	rec     events.Recorder
 	m       *metrics
+	// retrying counts the sends retrying through failures right now: the
+	// loop's readiness reads it, so /readyz shows an outage while it lasts.
+	retrying atomic.Int32
 }
 
 func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
@@ -123,8 +127,18 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (store.ObjectInfo, error) {
 	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
 	var info store.ObjectInfo
+	counted := false
+	defer func() {
+		if counted {
+			u.retrying.Add(-1)
+		}
+	}()
 	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		u.m.retries.Inc()
+		if !counted {
+			counted = true
+			u.retrying.Add(1)
+		}
 		if attempt == 0 || attempt%10 == 9 {
 			u.log.Warn("upload failed, retrying", "path", file.Path, "err", err, "attempt", attempt+1, "wait", wait)
 		}
