@@ -542,6 +542,16 @@ func TestS3CredentialsNeverFallBack(t *testing.T) {
 			if spec == nil {
 				continue
 			}
+			if identity {
+				// IRSA injects the role's token into every container the webhook
+				// is not told to skip: the app's must all be skipped.
+				skip := "," + str(o, "spec", "template", "metadata", "annotations", "eks.amazonaws.com/skip-containers") + ","
+				for _, c := range append(list(spec, "initContainers"), list(spec, "containers")...) {
+					if name := str(c, "name"); !slices.Contains(agentNames, name) && !strings.Contains(skip, ","+name+",") {
+						t.Errorf("%s: %s/%s: container %s would get the agents' IAM token (not in eks.amazonaws.com/skip-containers)", s.name, o["kind"], str(o, "metadata", "name"), name)
+					}
+				}
+			}
 			for _, c := range append(list(spec, "initContainers"), list(spec, "containers")...) {
 				name := str(c, "name")
 				if name != "restore" && name != "syncer" {
