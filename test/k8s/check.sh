@@ -68,16 +68,31 @@ X
 
 # --- etcd + kube-apiserver
 t0=$(date +%s.%N)
-"$BIN/etcd" --name=test --data-dir="$W/etcd" --unsafe-no-fsync \
-  --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
-  --listen-peer-urls="http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$PEER_PORT" \
-  --initial-cluster="test=http://127.0.0.1:$PEER_PORT" --listen-metrics-urls="" >"$W/etcd.log" 2>&1 </dev/null &
-PIDS+=($!)
-for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 && break
-  kill -0 "${PIDS[0]}" 2>/dev/null || { echo "etcd died:"; tail -20 "$W/etcd.log"; exit 1; }
-  sleep 0.1
-done
+# A port free a moment ago can be taken by another process (tests run in parallel on this machine)
+# before etcd binds it: a bind failure picks new ports and starts again, up to five times.
+start_etcd() {
+  local try
+  for try in 1 2 3 4 5; do
+    rm -rf "$W/etcd"
+    "$BIN/etcd" --name=test --data-dir="$W/etcd" --unsafe-no-fsync \
+      --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+      --listen-peer-urls="http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$PEER_PORT" \
+      --initial-cluster="test=http://127.0.0.1:$PEER_PORT" --listen-metrics-urls="" >"$W/etcd.log" 2>&1 </dev/null &
+    ETCD_PID=$!
+    for _ in $(seq 1 300); do
+      curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 && return 0
+      kill -0 "$ETCD_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill "$ETCD_PID" 2>/dev/null; wait "$ETCD_PID" 2>/dev/null || true
+    grep -q "address already in use" "$W/etcd.log" || { echo "etcd did not start:"; tail -20 "$W/etcd.log"; exit 1; }
+    echo "etcd: a port was taken meanwhile (try $try); new ports"
+    ETCD_PORT=$(freeport); PEER_PORT=$(freeport)
+  done
+  echo "etcd: no free ports after 5 tries"; exit 1
+}
+start_etcd
+PIDS+=("$ETCD_PID")
 "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --bind-address=127.0.0.1 --secure-port="$API_PORT" --advertise-address=127.0.0.1 \
   --endpoint-reconciler-type=none --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
