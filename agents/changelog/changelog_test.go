@@ -165,7 +165,7 @@ func TestFoldOnStores(t *testing.T) {
 			t.Fatalf("state at +2s: %s %+v", got, at2.Files)
 		}
 		// A checkpoint at +2s (now = +2s + Margin), then later changes.
-		if _, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), snapshot.Writer{Pod: "files-0"}); err != nil {
+		if _, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), 0, snapshot.Writer{Pod: "files-0"}); err != nil {
 			t.Fatal(err)
 		}
 		appendB(wb, base.Add(5*time.Second), write("c.txt", base.Add(5*time.Second), "3"))
@@ -179,6 +179,15 @@ func TestFoldOnStores(t *testing.T) {
 		again, err := Fold(ctx, st, base.Add(2*time.Second))
 		if err != nil || paths(again) != "a.txt b.txt shared" {
 			t.Fatalf("point in time after the checkpoint: %s %v", paths(again), err)
+		}
+		// Nothing new up to the horizon: no second checkpoint.
+		if id, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), 0, snapshot.Writer{Pod: "files-0"}); err != nil || id != "" {
+			t.Fatalf("checkpoint without new batches: %q %v", id, err)
+		}
+		// A writer whose clock runs an hour ahead: "latest" still has its change.
+		appendB(wa, time.Now().Add(time.Hour), write("ahead.txt", base.Add(6*time.Second), "4"))
+		if latest, err := Fold(ctx, st, time.Time{}); err != nil || paths(latest) != "ahead.txt b.txt c.txt shared" {
+			t.Fatalf("latest with a writer ahead: %v %v", latest, err)
 		}
 	})
 }
