@@ -28,6 +28,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
@@ -369,11 +370,8 @@ func s3Store(t *testing.T, srv *peers.S3Server, prefix string) store.Store {
 
 func latestSnapshot(t *testing.T, st store.Store) (*snapshot.Manifest, error) {
 	t.Helper()
-	info, err := snapshot.Resolve(context.Background(), st, "latest")
-	if err != nil {
-		return nil, err
-	}
-	return snapshot.Load(context.Background(), st, info)
+	// What a restore of "latest" plans from: the fold of the change log.
+	return changelog.Fold(context.Background(), st, time.Time{})
 }
 
 // keyCounter is a reverse proxy that counts writes by key, so a test can say

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 )
 
@@ -110,10 +111,12 @@ func TestDuesOrder(t *testing.T) {
 }
 
 // Removing a file forgets only it; removing a directory forgets everything
-// under it, uploaded, pending or in flight.
+// under it, uploaded, pending or in flight. With SYNC_DELETE each file this
+// writer had becomes a tombstone; a path it never had does not.
 func TestGone(t *testing.T) {
-	snap := &snapshotter{files: map[string]snapshot.File{}}
-	s := &Syncer{snap: snap, q: newQueue(time.Second, 0, snap.uploadedAs)}
+	snap := newLedger(&Config{Delete: true}, nil, nil, nil, nil, changelog.Writer{Pod: "p"})
+	snap.live = true
+	s := &Syncer{led: snap, q: newQueue(time.Second, 0, snap.uploadedAs)}
 	for _, k := range []string{"a/x", "a/y", "a/b/z", "ab", "c"} {
 		snap.files[k] = snapshot.File{Path: k}
 	}
@@ -121,8 +124,12 @@ func TestGone(t *testing.T) {
 	s.q.pending["a/q"] = &pend{inflight: true}
 	s.q.pending["c"] = &pend{}
 	s.gone("c")
-	if _, ok := snap.files["c"]; ok || s.q.pending["c"] != nil || !snap.dirty {
-		t.Fatal("file c not forgotten")
+	if _, ok := snap.files["c"]; ok || s.q.pending["c"] != nil || !snap.staged["c"].Deleted {
+		t.Fatal("file c not forgotten or not tombstoned")
+	}
+	s.gone("never-had")
+	if _, ok := snap.staged["never-had"]; ok {
+		t.Fatal("a path this writer never had was tombstoned")
 	}
 	s.gone("a")
 	for _, k := range []string{"a/x", "a/y", "a/b/z"} {
@@ -132,6 +139,9 @@ func TestGone(t *testing.T) {
 	}
 	if _, ok := snap.files["ab"]; !ok {
 		t.Error("ab forgotten with directory a")
+	}
+	if n := snap.tombstones(); n != 4 {
+		t.Errorf("%d tombstones, want 4 (c, a/x, a/y, a/b/z)", n)
 	}
 	if s.q.pending["a/b/p"] != nil || s.q.pending["a/q"] == nil || !s.q.pending["a/q"].removed {
 		t.Errorf("pending after removing a: %v", s.q.pending)

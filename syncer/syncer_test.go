@@ -19,6 +19,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -415,15 +416,16 @@ func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
 	writeFile(t, filepath.Join(dir2, ".podkeeper", "restored.json"), []byte(`{"snapshot":"`+m.ID+`"}`))
 
 	kc := newKeyCounter(t, srv.Endpoint)
-	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms"))
+	// SYNC_EXCLUSIVE: its lease write shows the counter sees the traffic.
+	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms", "SYNC_EXCLUSIVE=true"))
 	if err := r2.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
 	if w := kc.writes("data/"); len(w) != 0 {
 		t.Errorf("restart after restore uploaded data: %v", w)
 	}
-	if w := kc.writes("snapshots/"); len(w) != 0 {
-		t.Errorf("restart after restore wrote a snapshot although nothing changed: %v", w)
+	if w := append(kc.writes("snapshots/"), kc.writes("log/")...); len(w) != 0 {
+		t.Errorf("restart after restore wrote to the log or a snapshot although nothing changed: %v", w)
 	}
 	if len(kc.writes("lease.json")) == 0 {
 		t.Error("the counter saw no lease write: it does not see the syncer's traffic")
@@ -490,12 +492,15 @@ func testOverflowRescan(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
-// A second syncer on a prefix exits 1 naming the holder; a pod with the same
-// name takes the lease over after a SIGKILL; SIGTERM releases it.
+// SYNC_EXCLUSIVE=true: the lease is held by namespace, Pod name and UID. A
+// second Pod exits 1 naming the holder, so do the next Pod of the same name
+// and a Pod of the same name in another namespace; a restarted container of
+// the same Pod (same UID) takes its lease over; a clean shutdown releases it.
 func testLease(t *testing.T, srv *peers.S3Server) {
 	const prefix = "lease"
-	base := append(srv.AgentEnv(prefix), "SYNC_HTTP_ADDR=127.0.0.1:0", "SYNC_SETTLE=100ms")
-	a := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	base := append(srv.AgentEnv(prefix), "SYNC_HTTP_ADDR=127.0.0.1:0", "SYNC_SETTLE=100ms", "SYNC_EXCLUSIVE=true", "POD_NAMESPACE=prod")
+	podA := []string{"POD_NAME=pod-a", "POD_UID=uid-a"}
+	a := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), podA...))
 	a.waitLog(t, "msg=watching", 30*time.Second)
 	a.cmd.Process.Signal(syscall.SIGKILL)
 	a.wait(t, 10*time.Second)
@@ -503,16 +508,22 @@ func testLease(t *testing.T, srv *peers.S3Server) {
 		t.Fatal("no lease.json while pod-a held the prefix")
 	}
 
-	b := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-b"))
-	if code := b.wait(t, 30*time.Second); code != 1 {
-		t.Fatalf("second syncer: exit %d, want 1\n%s", code, b.output())
-	}
-	out := b.output()
-	if !strings.Contains(out, "pod-a") || !strings.Contains(out, "LeaseConflict") {
-		t.Errorf("second syncer's output does not name the holder pod-a or the LeaseConflict event:\n%s", out)
+	for _, other := range [][]string{
+		{"POD_NAME=pod-b", "POD_UID=uid-b"},
+		{"POD_NAME=pod-a", "POD_UID=uid-a2"},                         // the next Pod of that name
+		{"POD_NAME=pod-a", "POD_UID=uid-a", "POD_NAMESPACE=staging"}, // same name and UID, other namespace
+	} {
+		b := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), other...))
+		if code := b.wait(t, 30*time.Second); code != 1 {
+			t.Fatalf("%v: exit %d, want 1\n%s", other, code, b.output())
+		}
+		out := b.output()
+		if !strings.Contains(out, "prod/pod-a") || !strings.Contains(out, "LeaseConflict") {
+			t.Errorf("%v: output does not name the holder prod/pod-a or the LeaseConflict event:\n%s", other, out)
+		}
 	}
 
-	a2 := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	a2 := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), podA...))
 	a2.waitLog(t, "msg=watching", 30*time.Second)
 	if !strings.Contains(a2.output(), "taking over lease") {
 		t.Errorf("pod-a did not say it took the lease over:\n%s", a2.output())
@@ -584,8 +595,9 @@ func testSIGTERMDrain(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
-// A snapshot that would drop more than half of the files is held back, with
-// a metric and an event, until the state changes.
+// Deletions (SYNC_DELETE=true) that would remove more than half of the files
+// this writer had are held back, with a metric and an event, until the state
+// changes: the fold of the log keeps every file meanwhile.
 func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	const prefix = "guard"
 	dir := t.TempDir()
@@ -598,7 +610,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 		}
 		writeFile(t, filepath.Join(dir, rel), []byte(fmt.Sprintf("file %d", i)))
 	}
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"))
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_DELETE=true"))
 	st := s3Store(t, srv, prefix)
 	snapWith := func(n int) error {
 		return peers.WaitFor(context.Background(), 30*time.Second, func() error {
@@ -628,7 +640,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 		t.Fatal(err)
 	}
 	if m, err := latestSnapshot(t, st); err != nil || len(m.Files) != 10 {
-		t.Fatalf("a snapshot dropping 8 of 10 files was written: %v %v", m, err)
+		t.Fatalf("deletions of 8 of 10 files reached the log: %v %v", m, err)
 	}
 	// Four come back: 6 of 10 present drops 4, within the guard.
 	for i := range 4 {
@@ -745,9 +757,10 @@ func testPermanentError(t *testing.T, srv *peers.S3Server) {
 	waitObject(t, srv, prefix, "secret.txt", []byte("refused"), time.Second)
 }
 
-// With SYNC_DELETE=true and SYNC_SNAPSHOT_RETAIN=1, a data object whose file
-// is gone and that no retained snapshot lists is deleted; without it, it
-// stays.
+// Compaction under its lease: with SYNC_SNAPSHOT_RETAIN=1 one checkpoint is
+// left and the batches it folds are deleted; with SYNC_DELETE=true the data
+// object of a deleted file (a tombstone older than the margin, in no kept
+// checkpoint) is deleted; without it, it stays and the file stays restorable.
 func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 	for _, del := range []bool{true, false} {
 		prefix := fmt.Sprintf("retain-%v", del)
@@ -757,14 +770,15 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		}
 		cfg := testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_RETAIN=1",
 			"SYNC_SNAPSHOT_INTERVAL=200ms", fmt.Sprintf("SYNC_DELETE=%v", del))
-		r := startSyncer(t, cfg)
+		const margin = 2 * time.Second
+		r := startSyncer(t, cfg, func(s *Syncer) { s.comp.margin = margin })
 		st := s3Store(t, srv, prefix)
 		waitSnap := func(n int) {
 			t.Helper()
 			if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 				m, err := latestSnapshot(t, st)
 				if err != nil || len(m.Files) != n {
-					return fmt.Errorf("latest snapshot: %v %v", m, err)
+					return fmt.Errorf("latest state: %v %v", m, err)
 				}
 				return nil
 			}); err != nil {
@@ -772,30 +786,34 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 			}
 		}
 		waitSnap(4)
-		// Retention leaves objects about as new as the snapshot alone (they may
-		// be uploads the snapshot does not know yet): let the clock move on.
-		uploaded := time.Now()
-		if err := peers.WaitFor(context.Background(), 10*time.Second, func() error {
-			if time.Since(uploaded) < 3*time.Second {
-				return fmt.Errorf("objects still recent")
+		os.Remove(filepath.Join(dir, "f0.txt"))
+		want := 4 // union: without SYNC_DELETE a removed file stays restorable
+		if del {
+			want = 3
+		}
+		waitSnap(want)
+		time.Sleep(time.Second) // the deletion is in a batch (or not) by now
+		// A checkpoint folds the log once its batches are older than the margin.
+		if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+			all, err := snapshot.List(context.Background(), st)
+			if err != nil || len(all) != 1 {
+				return fmt.Errorf("checkpoints: %v %v", all, err)
+			}
+			if batches, err := changelog.List(context.Background(), st, time.Time{}); err != nil || len(batches) != 0 {
+				return fmt.Errorf("batches left: %v %v", batches, err)
+			}
+			if del && objectExists(srv, prefix+"/data/f0.txt") {
+				return fmt.Errorf("data/f0.txt still there")
 			}
 			return nil
 		}); err != nil {
-			t.Fatal(err)
+			t.Fatalf("SYNC_DELETE=%v: %v", del, err)
 		}
-		os.Remove(filepath.Join(dir, "f0.txt"))
-		waitSnap(3)
 		if err := r.shutdown(t); err != nil {
 			t.Fatal(err)
 		}
-		all, err := snapshot.List(context.Background(), st)
-		if err != nil || len(all) != 1 {
-			t.Errorf("SYNC_SNAPSHOT_RETAIN=1 left %d snapshots (%v)", len(all), err)
-		}
-		// Deletion happens in the retention after the snapshot that dropped f0;
-		// the object is older than that snapshot by construction.
-		if del && objectExists(srv, prefix+"/data/f0.txt") {
-			t.Error("SYNC_DELETE=true left data/f0.txt, which is gone locally and in no retained snapshot")
+		if objectExists(srv, prefix+"/"+CompactionKey) {
+			t.Error("compaction lease left behind")
 		}
 		if !objectExists(srv, prefix+"/data/f1.txt") {
 			t.Errorf("SYNC_DELETE=%v deleted a file that is still present", del)
@@ -803,5 +821,6 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		if !del && !objectExists(srv, prefix+"/data/f0.txt") {
 			t.Error("SYNC_DELETE=false deleted a data object")
 		}
+		waitSnap(want)
 	}
 }
