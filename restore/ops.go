@@ -79,11 +79,7 @@ type VerifyReport struct {
 // Verify checks that every object of the snapshot spec exists with the recorded
 // size and sha256 metadata; deep also downloads each and hashes it.
 func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurrency int) (*VerifyReport, error) {
-	info, err := snapshot.Resolve(ctx, st, spec)
-	if err != nil {
-		return nil, err
-	}
-	m, err := snapshot.Load(ctx, st, info)
+	m, err := Resolve(ctx, st, spec)
 	if err != nil {
 		return nil, err
 	}

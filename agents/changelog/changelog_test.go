@@ -199,3 +199,18 @@ func paths(m *snapshot.Manifest) string {
 	}
 	return strings.Join(p, " ")
 }
+
+// One writer's file where another has a directory: the manifest keeps the
+// directory's files (a manifest cannot hold both) and stays valid.
+func TestFileDirClash(t *testing.T) {
+	s := State{}
+	s.Apply(&Batch{Writer: wa, Time: base, Changes: []Change{write("a", base.Add(time.Hour), "1"), write("a-x", base, "2")}})
+	s.Apply(&Batch{Writer: wb, Time: base, Changes: []Change{write("a/b/c", base, "3"), write("d/e", base, "4")}})
+	m := s.Manifest(base, snapshot.Writer{Pod: "p"})
+	if got := paths(m); got != "a-x a/b/c d/e" {
+		t.Fatalf("fold of a file/dir clash: %s", got)
+	}
+	if err := m.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -54,11 +54,29 @@ func (s State) Apply(b *Batch) {
 	}
 }
 
-// Files lists the live files (tombstones left out) in path order.
+// Files lists the live files (tombstones left out) in path order. Two
+// writers can leave a file where another has a directory ("a" and "a/b"); a
+// manifest cannot hold both, so the directory wins and the file is left out
+// of the fold (its batch and object stay, and its writer uploads it again if
+// it still has it).
 func (s State) Files() []snapshot.File {
+	dirs := map[string]bool{}
+	for p, e := range s {
+		if e.Deleted {
+			continue
+		}
+		for i := len(p) - 1; i > 0; i-- {
+			if p[i] == '/' {
+				if dirs[p[:i]] {
+					break // its parents are in already
+				}
+				dirs[p[:i]] = true
+			}
+		}
+	}
 	out := make([]snapshot.File, 0, len(s))
-	for _, e := range s {
-		if !e.Deleted {
+	for p, e := range s {
+		if !e.Deleted && !dirs[p] {
 			out = append(out, e.File)
 		}
 	}

@@ -31,9 +31,14 @@ func Fold(ctx context.Context, st store.Store, at time.Time) (*snapshot.Manifest
 	if f.Checkpoint == "" && f.Batches == 0 {
 		return nil, ErrEmpty
 	}
+	if f.Batches == 0 {
+		// Nothing after the checkpoint: it is the state, under its own id (a
+		// prefix of the single-writer release restores exactly as before).
+		return f.Base, nil
+	}
 	t := at
 	if t.IsZero() {
-		t = time.Now()
+		t = f.Newest // the same state has the same id
 	}
 	return f.State.Manifest(t, f.Writer), nil
 }
@@ -48,8 +53,9 @@ type Folded struct {
 	Checkpoint string    // id of the checkpoint it started from ("" none)
 	From       time.Time // that checkpoint's creation time
 	Writer     snapshot.Writer
-	Batches    int       // batches applied
-	Newest     time.Time // stamp of the newest batch applied
+	Base       *snapshot.Manifest // that checkpoint
+	Batches    int                // batches applied
+	Newest     time.Time          // stamp of the newest batch applied
 }
 
 // FoldState is Fold with tombstones kept and the provenance returned.
@@ -98,7 +104,7 @@ func checkpointAt(ctx context.Context, st store.Store, at time.Time) (*Folded, e
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
-	return &Folded{State: FromManifest(m), Checkpoint: m.ID, From: m.Created, Writer: m.Writer}, nil
+	return &Folded{State: FromManifest(m), Checkpoint: m.ID, From: m.Created, Writer: m.Writer, Base: m}, nil
 }
 
 func loadAll(ctx context.Context, st store.Store, infos []Info) ([]*Batch, error) {
