@@ -120,6 +120,23 @@ func (l *ledger) uploadedAs(rel string, st fileStat) bool {
 	return ok && !c.Deleted && st.same(fileStat{size: c.Size, mtime: c.MTime, mode: fs.FileMode(c.Mode)})
 }
 
+// seenAt is the object this writer knows at rel, for a conditional write.
+func (l *ledger) seenAt(rel string) seen {
+	c, ok := l.change(rel)
+	if !ok || c.Deleted {
+		return seen{}
+	}
+	return seen{etag: c.ETag, sha: c.SHA256}
+}
+
+// adopt marks a file whose write lost a conflict as handled: not uploaded
+// again while unchanged, and its next change is judged as a conflict again
+// (no ETag or hash of a version this writer had).
+func (l *ledger) adopt(f snapshot.File) {
+	f.ETag, f.SHA256, f.VersionID = "", "", ""
+	l.files[f.Path] = f
+}
+
 // has reports whether rel is known as a file of this writer.
 func (l *ledger) has(rel string) bool {
 	c, ok := l.change(rel)

@@ -23,6 +23,7 @@ type metrics struct {
 	leaseRenewals prometheus.Counter
 	batches       prometheus.Counter
 	deletions     prometheus.Counter
+	conflicts     prometheus.Counter
 	queue         prometheus.Gauge
 	queueBytes    prometheus.Gauge
 	oldest        prometheus.Gauge
@@ -50,6 +51,7 @@ func newMetrics(h *health.Server) *metrics {
 		leaseRenewals: c("lease_renewals_total", "Lease renewals (SYNC_EXCLUSIVE=true)."),
 		batches:       c("log_batches_total", "Batches appended to the change log (each acknowledges the uploads and deletions in it)."),
 		deletions:     c("deletions_total", "Deletions recorded in the change log as tombstones (SYNC_DELETE=true)."),
+		conflicts:     c("conflicts_total", "Write conflicts: another writer had put different content at a path; the loser's bytes are kept under conflicts/."),
 		queue:         g("queue_files", "Files waiting to be uploaded (settling, queued or in flight)."),
 		queueBytes:    g("queue_bytes", "Bytes of the files waiting to be uploaded."),
 		oldest:        g("oldest_pending_seconds", "Age of the oldest file waiting to be uploaded."),
@@ -58,7 +60,7 @@ func newMetrics(h *health.Server) *metrics {
 		massDelete:    g("mass_delete_blocked", "1 while deletions are held back by the mass-delete guard."),
 	}
 	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
-		m.leaseRenewals, m.batches, m.deletions, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
+		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
 	for _, r := range []string{"ok", "error", "changed"} {
 		m.uploads.WithLabelValues(r)
 	}

@@ -79,10 +79,11 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	s.comp = &compactor{st: deps.Store, log: s.log, rec: s.rec, m: s.m, cfg: cfg, writer: id.writer(),
 		margin: changelog.Margin, now: time.Now}
 	s.q = newQueue(cfg.Settle, cfg.MaxFileSize, s.led.uploadedAs)
+	s.q.seen = s.led.seenAt
 	if cfg.Exclusive {
 		s.lease = newLease(deps.Store, id, s.log, s.rec, s.m.leaseRenewals)
 	}
-	s.up = &uploader{dir: cfg.Dir, journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
+	s.up = &uploader{writer: id.writer().ID(), dir: cfg.Dir, journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
 	return s, nil
@@ -414,6 +415,17 @@ func (s *Syncer) onResult(r result, now time.Time) {
 	case outChanged:
 		s.m.uploads.WithLabelValues("changed").Inc()
 	case outUploaded:
+		if c := r.conflict; c != nil {
+			s.m.conflicts.Inc()
+			s.log.Warn(c.String(), "path", c.path, "winner", c.winner, "loser", c.loser, "kept_at", c.loserKey)
+			s.rec.Event(context.Background(), events.Warning, "UploadConflict", c.String())
+			if c.weLost {
+				// Another writer's newer version stays; ours is kept aside and
+				// not logged. Known as handled, so it is not sent again.
+				s.led.adopt(r.file)
+				return
+			}
+		}
 		// Counted and logged as uploaded when its batch is stored (ack).
 		s.led.record(r.file)
 		s.log.Debug("object written", "path", r.rel, "size", r.file.Size, "pending", left)

@@ -49,6 +49,7 @@ func TestSyncer(t *testing.T) {
 					"mass-delete-guard":     testMassDeleteGuard,
 					"permanent-error":       testPermanentError,
 					"retention-delete":      testRetentionDelete,
+					"conflicts":             testConflicts,
 				} {
 					t.Run(name, func(t *testing.T) {
 						t.Parallel()
@@ -822,5 +823,85 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 			t.Error("SYNC_DELETE=false deleted a data object")
 		}
 		waitSnap(want)
+	}
+}
+
+// Two syncers, one prefix, the same paths. Identical content is uploaded
+// once and is no conflict. Different content is a conflict decided by the
+// rule (the newer mtime wins) whichever writer comes first; the loser's
+// bytes are kept under conflicts/, with a metric and an UploadConflict event
+// on the writer that saw it; the fold names the winner's version, which is
+// what data/PATH holds.
+func testConflicts(t *testing.T, srv *peers.S3Server) {
+	const prefix = "conflicts"
+	kc := newKeyCounter(t, srv.Endpoint)
+	dirA, dirB := t.TempDir(), t.TempDir()
+	a := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirA, "SYNC_SETTLE=100ms", "POD_NAME=writer-a", "POD_UID=a"))
+	b := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirB, "SYNC_SETTLE=100ms", "POD_NAME=writer-b", "POD_UID=b"))
+	old, newer := time.Now().Add(-time.Hour).Truncate(time.Second), time.Now().Truncate(time.Second)
+	put := func(dir, rel, content string, mtime time.Time) {
+		t.Helper()
+		p := filepath.Join(dir, rel)
+		writeFile(t, p, []byte(content))
+		if err := os.Chtimes(p, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// same.txt: identical bytes from both.
+	put(dirA, "same.txt", "identical", old)
+	waitObject(t, srv, prefix, "same.txt", []byte("identical"), 20*time.Second)
+	put(dirB, "same.txt", "identical", newer)
+	// c.txt: A first with the older mtime, then B with the newer: B wins.
+	put(dirA, "c.txt", "c from A", old)
+	waitObject(t, srv, prefix, "c.txt", []byte("c from A"), 20*time.Second)
+	put(dirB, "c.txt", "c from B", newer)
+	// d.txt: B first with the newer mtime, then A with the older: B stays.
+	put(dirB, "d.txt", "d from B", newer)
+	waitObject(t, srv, prefix, "d.txt", []byte("d from B"), 20*time.Second)
+	put(dirA, "d.txt", "d from A", old)
+
+	waitObject(t, srv, prefix, "c.txt", []byte("c from B"), 20*time.Second)
+	shaA := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
+	for _, k := range []string{ConflictKey("c.txt", shaA("c from A")), ConflictKey("d.txt", shaA("d from A"))} {
+		if err := peers.WaitFor(context.Background(), 20*time.Second, func() error {
+			if !objectExists(srv, prefix+"/"+k) {
+				return fmt.Errorf("no %s", k)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	for k, want := range map[string]string{"data/c.txt": "c from B", "data/d.txt": "d from B",
+		ConflictKey("c.txt", shaA("c from A")): "c from A", ConflictKey("d.txt", shaA("d from A")): "d from A"} {
+		got, meta, err := getObject(context.Background(), srv, prefix+"/"+k)
+		if err != nil || string(got) != want {
+			t.Errorf("%s: %q %v, want %q", k, got, err, want)
+		}
+		if meta[MetaWriter] == "" {
+			t.Errorf("%s has no writer metadata: %v", k, meta)
+		}
+	}
+	if n := kc.okWrites(http.MethodPut, prefix+"/data/same.txt"); n != 1 {
+		t.Errorf("identical content written %d times, want once", n)
+	}
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range m.Files {
+		if want := map[string]string{"c.txt": "c from B", "d.txt": "d from B", "same.txt": "identical"}[f.Path]; f.SHA256 != shaA(want) {
+			t.Errorf("the fold's %s is not the winner's version %q", f.Path, want)
+		}
+	}
+	ca, cb := gaugeValue(a.s.health, "podkeeper_syncer_conflicts_total"), gaugeValue(b.s.health, "podkeeper_syncer_conflicts_total")
+	if ca != 1 || cb != 1 || !a.rec.has("UploadConflict") || !b.rec.has("UploadConflict") {
+		t.Errorf("conflicts: A %v (event %v), B %v (event %v); want 1 each (A lost d.txt, B won c.txt)", ca, a.rec.has("UploadConflict"), cb, b.rec.has("UploadConflict"))
 	}
 }

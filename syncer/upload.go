@@ -39,6 +39,7 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b 
 // uploader is what the workers share: it reads files under SYNC_DIR and
 // writes them to the store, and keeps the multipart journals.
 type uploader struct {
+	writer  string // namespace/pod/uid, in every object's metadata
 	dir     string
 	journal string // multipart journal directory
 	st      store.Store
@@ -50,7 +51,7 @@ type uploader struct {
 
 func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
 	for j := range jobs {
-		r := u.upload(ctx, j.rel)
+		r := u.upload(ctx, j)
 		r.gen = j.gen
 		results <- r
 	}
@@ -60,7 +61,8 @@ func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- res
 // metadata), then streamed from disk; its stat is compared before and after,
 // so content that changed meanwhile is reported as changed and uploaded again
 // rather than recorded.
-func (u *uploader) upload(ctx context.Context, rel string) result {
+func (u *uploader) upload(ctx context.Context, j job) result {
+	rel := j.rel
 	r := result{rel: rel}
 	f, err := os.OpenFile(absPath(u.dir, rel), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
@@ -99,11 +101,12 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 		return r
 	}
 	file := snapshot.File{Path: rel, Size: st.size, SHA256: hex.EncodeToString(h.Sum(nil)), MTime: st.mtime, Mode: snapshot.Mode(st.mode)}
-	info, err := u.send(ctx, f, file)
+	info, c, err := u.send(ctx, f, file, j.seen)
 	if err != nil {
 		r.err = err
 		return r
 	}
+	r.conflict = c
 	r.bytesSent = st.size
 	after, err := os.Lstat(absPath(u.dir, rel))
 	switch {
@@ -119,10 +122,14 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 	return r
 }
 
-// send writes the object of file from f, retrying through outages.
-func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (store.ObjectInfo, error) {
+// send writes the object of file from f, retrying through outages. The
+// write is conditional on the object this writer saw (sn): a new path only
+// if absent, a known one only if unchanged; otherwise resolve decides.
+func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn seen) (store.ObjectInfo, *conflict, error) {
 	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
+	opts.Metadata[MetaWriter] = u.writer
 	var info store.ObjectInfo
+	var c *conflict
 	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		u.m.retries.Inc()
 		if attempt == 0 || attempt%10 == 9 {
@@ -133,14 +140,39 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (st
 		}
 	}, func(ctx context.Context) error {
 		var err error
-		if u.mp != nil && file.Size >= multipartThreshold {
-			info, err = u.multipart(ctx, f, file, opts)
-		} else {
-			info, err = u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, opts)
-		}
+		info, c, err = u.sendOnce(ctx, f, file, sn, opts)
 		return err
 	})
-	return info, err
+	return info, c, err
+}
+
+func (u *uploader) sendOnce(ctx context.Context, f *os.File, file snapshot.File, sn seen, opts store.PutOptions) (store.ObjectInfo, *conflict, error) {
+	if u.mp != nil && file.Size >= multipartThreshold {
+		// A multipart upload cannot be conditional: look first (a writer
+		// racing between the look and the completion is not detected).
+		put := func(ctx context.Context, _ store.PutOptions) (store.ObjectInfo, error) {
+			return u.multipart(ctx, f, file, opts)
+		}
+		cur, err := u.st.Head(ctx, snapshot.DataKey(file.Path), store.HeadOptions{})
+		switch {
+		case errors.Is(err, store.ErrNotExist) || (err == nil && sn.etag != "" && cur.ETag == sn.etag):
+			info, err := put(ctx, store.PutOptions{})
+			return info, nil, err
+		case err != nil:
+			return store.ObjectInfo{}, nil, err
+		}
+		return u.resolve(ctx, f, file, sn, opts, put)
+	}
+	put := func(ctx context.Context, cond store.PutOptions) (store.ObjectInfo, error) {
+		o := opts
+		o.IfMatch, o.IfNoneMatch = cond.IfMatch, cond.IfNoneMatch
+		return u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, o)
+	}
+	info, err := put(ctx, store.PutOptions{IfNoneMatch: sn.etag == "", IfMatch: sn.etag})
+	if errors.Is(err, store.ErrPrecondition) {
+		return u.resolve(ctx, f, file, sn, opts, put)
+	}
+	return info, nil, err
 }
 
 // multipart uploads a large file resumably: the journal in the state dir

@@ -14,6 +14,10 @@ type Entry struct {
 	Writer string // Writer.ID()
 }
 
+// Beats reports whether e wins over o by the rule (what the fold keeps, and
+// how a syncer decides a write conflict).
+func (e Entry) Beats(o Entry) bool { return e.beats(o) }
+
 // beats is the rule: the newer mtime wins; at equal mtimes the greater writer
 // id; at equal writers a deletion beats a write (a writer that wrote and
 // removed a file within one clock tick removed it last).

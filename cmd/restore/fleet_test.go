@@ -129,11 +129,13 @@ func fleetFiles() int {
 	if n, err := strconv.Atoi(os.Getenv("FLEET_FILES")); err == nil && n > 0 {
 		return n
 	}
-	return 500
+	return 2000
 }
 
 // Three syncers write one prefix at once, each its own files plus 50 paths
-// all three write with the same content; a restore brings back the union.
+// all three write with the same content and 20 paths each writes with its
+// own; a restore brings back the union with the rule's winners, and
+// `restore conflicts` lists every loser (0 silent overwrites).
 // A fourth syncer started on the restored union uploads nothing; with
 // SYNC_DELETE it tombstones only a file it had and saw removed.
 func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
@@ -165,9 +167,45 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 			}
 		}
 	}
+	// 20 paths every writer writes with its own content and mtime (renamed
+	// into place, so it goes at once with that mtime): writer 2's newest
+	// version wins, the other two are kept as conflicts.
+	clashBase := time.Now().Add(-time.Hour).Truncate(time.Second)
+	losers := map[string]bool{}
+	for i := range 20 {
+		rel := fmt.Sprintf("clash/c%02d.txt", i)
+		for w, dir := range dirs {
+			content := fmt.Sprintf("clash %d by writer %d", i, w)
+			writeAt(t, dir, rel+".tmp", content)
+			mt := clashBase.Add(time.Duration(w) * time.Second)
+			os.Chtimes(filepath.Join(dir, rel+".tmp"), mt, mt)
+			if err := os.Rename(filepath.Join(dir, rel+".tmp"), filepath.Join(dir, rel)); err != nil {
+				t.Fatal(err)
+			}
+			if w == 2 {
+				want[rel] = content
+			} else {
+				losers[rel+" "+fmt.Sprintf("fleet/files-%d/uid-%d", w, w)] = true
+			}
+		}
+	}
 	for _, p := range procs {
 		p.term(t)
 	}
+	code, out, stderr := runBin(t, storeEnv, "conflicts")
+	if code != 0 {
+		t.Fatalf("restore conflicts: exit %d\n%s", code, stderr)
+	}
+	listed := 0
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) == 6 && losers[f[0]+" "+f[1]] {
+			listed++
+		}
+	}
+	if listed != len(losers) || strings.Count(out, "\n") != len(losers)+1 {
+		t.Errorf("restore conflicts lists %d of the %d losers:\n%s", listed, len(losers), out)
+	}
+	t.Logf("20 paths with different content from 3 writers: %d losers kept and listed by restore conflicts", listed)
 	t.Logf("3 writers × %d files + 50 shared paths each: written, uploaded and drained in %s", n, time.Since(start).Round(time.Millisecond))
 	got := readTree(t, restoreInto(t, storeEnv))
 	if len(got) != len(want) {
