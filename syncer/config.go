@@ -36,6 +36,8 @@ type Config struct {
 	SnapshotInterval time.Duration `env:"SYNC_SNAPSHOT_INTERVAL" envDefault:"1m" help:"Try this often to fold the change log into a checkpoint snapshot and apply retention (one syncer of the prefix at a time, under a short compaction lease; 0 = never)."`
 	SnapshotRetain   int           `env:"SYNC_SNAPSHOT_RETAIN" envDefault:"48" help:"Number of newest checkpoints kept (the change log older than the oldest one is deleted: point-in-time restore reaches back to it)."`
 	ShutdownTimeout  time.Duration `env:"SYNC_SHUTDOWN_TIMEOUT" envDefault:"25s" help:"Time to drain uploads and append them to the change log after SIGTERM; past it the syncer exits 1 listing what was left."`
+	Watch            string        `env:"SYNC_WATCH" envDefault:"auto" enum:"auto|inotify|poll" help:"How changes are seen: inotify, or poll (walk SYNC_DIR every SYNC_POLL_INTERVAL: readdir and stat per directory; needed on shared volumes, where inotify misses other clients' writes). auto = poll on NFS, SMB/CIFS, FUSE, 9p and CephFS (statfs), inotify elsewhere."`
+	PollInterval     time.Duration `env:"SYNC_POLL_INTERVAL" envDefault:"2s" help:"Time between two walks in poll mode."`
 	Exclusive        bool          `env:"SYNC_EXCLUSIVE" envDefault:"false" help:"Hold the single-writer lease PREFIX/lease.json: a second syncer on the prefix (another namespace/Pod/UID) exits 1. Off: any number of syncers share the prefix."`
 	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
 	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
@@ -87,6 +89,9 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 	}
 	if !errs.Has("SYNC_LOG_INTERVAL") && (c.LogInterval < 10*time.Millisecond || c.LogInterval > time.Minute) {
 		errs.Add("SYNC_LOG_INTERVAL", env.Get("SYNC_LOG_INTERVAL"), "must be between 10ms and 1m")
+	}
+	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
+		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")
 	}
 	if !errs.Has("SYNC_SNAPSHOT_RETAIN") && c.SnapshotRetain < 1 {
 		errs.Add("SYNC_SNAPSHOT_RETAIN", env.Get("SYNC_SNAPSHOT_RETAIN"), "must be at least 1")

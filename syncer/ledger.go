@@ -204,6 +204,13 @@ func (l *ledger) forget(k string) {
 
 // keepOnly forgets the files a full walk did not see.
 func (l *ledger) keepOnly(seen map[string]bool) {
+	for _, k := range l.missing(seen) {
+		l.forget(k)
+	}
+}
+
+// missing lists the files of this writer a walk did not see.
+func (l *ledger) missing(seen map[string]bool) []string {
 	var gone []string
 	for k := range l.files {
 		if !seen[k] {
@@ -215,9 +222,7 @@ func (l *ledger) keepOnly(seen map[string]bool) {
 			gone = append(gone, k)
 		}
 	}
-	for _, k := range gone {
-		l.forget(k)
-	}
+	return gone
 }
 
 // tombstones counts the staged deletions.

@@ -152,6 +152,16 @@ func (q *queue) consider(rel string, st fileStat, now time.Time, immediate bool)
 	q.touch(rel, st, now, immediate)
 }
 
+// observe is poll mode's consider: a file found unchanged since the last
+// walk keeps its settle time (touching it would restart it, or re-upload a
+// file in flight).
+func (q *queue) observe(rel string, st fileStat, now time.Time) {
+	if p := q.pending[rel]; p != nil && p.stat.same(st) {
+		return
+	}
+	q.consider(rel, st, now, false)
+}
+
 // touch records a change of rel.
 func (q *queue) touch(rel string, st fileStat, now time.Time, immediate bool) {
 	p := q.pending[rel]

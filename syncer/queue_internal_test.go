@@ -258,3 +258,18 @@ func TestQueueConsiderAndStaleResult(t *testing.T) {
 		t.Errorf("gone result: %+v, pending %v", f, q.pending["f002"])
 	}
 }
+
+// SYNC_WATCH: explicit modes win; auto polls only on a network or FUSE
+// filesystem (the test's temp dir is neither).
+func TestWatchMode(t *testing.T) {
+	dir := t.TempDir()
+	if poll, _ := watchMode("poll", dir); !poll {
+		t.Error("SYNC_WATCH=poll does not poll")
+	}
+	if poll, _ := watchMode("inotify", dir); poll {
+		t.Error("SYNC_WATCH=inotify polls")
+	}
+	if poll, fs := watchMode("auto", dir); poll {
+		t.Errorf("auto polls on the temp dir (%s)", fs)
+	}
+}

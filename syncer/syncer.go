@@ -48,6 +48,8 @@ type Syncer struct {
 	// newNotifier opens the fsnotify watcher (a test substitutes one it can
 	// pause).
 	newNotifier func() (notifier, error)
+	// polling: SYNC_WATCH resolved to poll (no events: a walk per interval).
+	polling bool
 }
 
 // New builds a syncer on deps.Store, which is required. It does not touch the
@@ -166,6 +168,12 @@ func (s *Syncer) prepare(ctx context.Context) error {
 			return err
 		}
 	}
+	poll, fsName := watchMode(s.cfg.Watch, s.cfg.Dir)
+	if poll {
+		s.polling = true
+		s.newNotifier = newPollNotifier
+		s.log.Info("poll mode: walking SYNC_DIR every SYNC_POLL_INTERVAL", "interval", s.cfg.PollInterval, "filesystem", fsName, "SYNC_WATCH", s.cfg.Watch)
+	}
 	if err := s.w.open(s.newNotifier); err != nil {
 		return err
 	}
@@ -211,6 +219,12 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 	defer due.Stop()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	var pollC <-chan time.Time
+	if s.polling {
+		t := time.NewTicker(s.cfg.PollInterval)
+		defer t.Stop()
+		pollC = t.C
+	}
 	signal := ctx.Done()
 	var drainCtx context.Context
 	drainCancel := func() {}
@@ -237,6 +251,8 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 			s.onResult(r, time.Now())
 		case r := <-s.led.done:
 			s.led.ack(r)
+		case <-pollC:
+			s.poll(time.Now())
 		case err := <-leaseLost:
 			return err
 		case <-tick.C:

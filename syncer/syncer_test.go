@@ -50,6 +50,7 @@ func TestSyncer(t *testing.T) {
 					"permanent-error":       testPermanentError,
 					"retention-delete":      testRetentionDelete,
 					"conflicts":             testConflicts,
+					"poll-shared":           testPollShared,
 				} {
 					t.Run(name, func(t *testing.T) {
 						t.Parallel()
@@ -903,5 +904,51 @@ func testConflicts(t *testing.T, srv *peers.S3Server) {
 	ca, cb := gaugeValue(a.s.health, "podkeeper_syncer_conflicts_total"), gaugeValue(b.s.health, "podkeeper_syncer_conflicts_total")
 	if ca != 1 || cb != 1 || !a.rec.has("UploadConflict") || !b.rec.has("UploadConflict") {
 		t.Errorf("conflicts: A %v (event %v), B %v (event %v); want 1 each (A lost d.txt, B won c.txt)", ca, a.rec.has("UploadConflict"), cb, b.rec.has("UploadConflict"))
+	}
+}
+
+// Two syncers in poll mode on one directory (a shared volume): every file
+// is written to the store once in total, counted at the server as
+// successful PUTs, also after a rewrite; the restore state has them all.
+func testPollShared(t *testing.T, srv *peers.S3Server) {
+	const prefix = "poll"
+	kc := newKeyCounter(t, srv.Endpoint)
+	dir := t.TempDir()
+	var rs []*running
+	for _, pod := range []string{"nfs-a", "nfs-b"} {
+		rs = append(rs, startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir, "SYNC_WATCH=poll", "SYNC_POLL_INTERVAL=200ms",
+			"SYNC_SETTLE=300ms", "POD_NAME="+pod, "POD_UID="+pod)))
+	}
+	const n = 40
+	for i := range n {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("p/%02d.txt", i)), []byte(fmt.Sprintf("polled %d", i)))
+	}
+	for i := range n {
+		waitObject(t, srv, prefix, fmt.Sprintf("p/%02d.txt", i), []byte(fmt.Sprintf("polled %d", i)), 30*time.Second)
+	}
+	time.Sleep(time.Second) // both walkers have seen everything by now
+	writeFile(t, filepath.Join(dir, "p/00.txt"), []byte("rewritten"))
+	waitObject(t, srv, prefix, "p/00.txt", []byte("rewritten"), 30*time.Second)
+	time.Sleep(time.Second)
+	for _, r := range rs {
+		if err := r.shutdown(t); err != nil {
+			t.Fatal(err)
+		}
+		if r.s.polling != true {
+			t.Error("SYNC_WATCH=poll did not poll")
+		}
+	}
+	total := 0
+	for i := range n {
+		c := kc.okWrites(http.MethodPut, fmt.Sprintf("%s/data/p/%02d.txt", prefix, i))
+		total += c
+		if want := map[bool]int{true: 2, false: 1}[i == 0]; c != want {
+			t.Errorf("p/%02d.txt written %d times, want %d", i, c, want)
+		}
+	}
+	t.Logf("2 pollers, %d files + 1 rewrite: %d successful data PUTs at the server", n, total)
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil || len(m.Files) != n {
+		t.Fatalf("state: %v %v", m, err)
 	}
 }
