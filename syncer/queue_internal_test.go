@@ -1,12 +1,16 @@
 package syncer
 
 import (
+	"context"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 )
 
@@ -271,5 +275,27 @@ func TestWatchMode(t *testing.T) {
 	}
 	if poll, fs := watchMode("auto", dir); poll {
 		t.Errorf("auto polls on the temp dir (%s)", fs)
+	}
+}
+
+// The uploader opens files below SYNC_DIR through safefs: a parent directory
+// that is a link to outside (swapped in after the file was queued) is never
+// followed, and nothing is sent (the store is nil: a Put would panic).
+func TestUploadNeverFollowsLinkedParent(t *testing.T) {
+	dir, outside := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(outside, "secret"), []byte("outside"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(dir, "a")); err != nil {
+		t.Fatal(err)
+	}
+	root, err := safefs.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	u := &uploader{root: root}
+	if r := u.upload(context.Background(), job{rel: "a/secret"}); !r.gone || r.err != nil || r.bytesSent != 0 {
+		t.Fatalf("upload through a linked parent: %+v", r)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
@@ -85,7 +86,7 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	if cfg.Exclusive {
 		s.lease = newLease(deps.Store, id, s.log, s.rec, s.m.leaseRenewals)
 	}
-	s.up = &uploader{writer: id.writer().ID(), dir: cfg.Dir, journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
+	s.up = &uploader{writer: id.writer().ID(), journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
 	return s, nil
@@ -97,6 +98,12 @@ func (s *Syncer) Run(ctx context.Context) error {
 	if err := os.MkdirAll(s.up.journal, 0o700); err != nil {
 		return fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
 	}
+	root, err := safefs.OpenRoot(s.cfg.Dir)
+	if err != nil {
+		return fmt.Errorf("SYNC_DIR: %w", err)
+	}
+	defer root.Close()
+	s.up.root = root
 	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency,
 		"writer", s.led.writer.ID(), "exclusive", s.cfg.Exclusive)
 
@@ -405,7 +412,10 @@ func (s *Syncer) dispatch(now time.Time) {
 
 // stat is the queue's view of a file under SYNC_DIR.
 func (s *Syncer) stat(rel string) (fileStat, error) {
-	fi, err := os.Lstat(absPath(s.cfg.Dir, rel))
+	fi, err := s.up.root.Lstat(rel)
+	if errors.Is(err, safefs.ErrLink) {
+		return fileStat{}, errNotRegular // a parent is a link now: not a file of the tree
+	}
 	if err != nil {
 		return fileStat{}, err
 	}

@@ -14,11 +14,11 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -39,9 +39,9 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b 
 // uploader is what the workers share: it reads files under SYNC_DIR and
 // writes them to the store, and keeps the multipart journals.
 type uploader struct {
-	writer  string // namespace/pod/uid, in every object's metadata
-	dir     string
-	journal string // multipart journal directory
+	writer  string       // namespace/pod/uid, in every object's metadata
+	root    *safefs.Root // SYNC_DIR: files are opened below it, never through a link
+	journal string       // multipart journal directory
 	st      store.Store
 	mp      store.Multiparter // nil: the store has no resumable uploads
 	log     *slog.Logger
@@ -64,9 +64,11 @@ func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- res
 func (u *uploader) upload(ctx context.Context, j job) result {
 	rel := j.rel
 	r := result{rel: rel}
-	f, err := os.OpenFile(absPath(u.dir, rel), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	// A link anywhere on the path (a parent directory swapped for one
+	// between the check and the open included) is never followed.
+	f, err := u.root.Open(rel)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ELOOP) {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, safefs.ErrLink) || errors.Is(err, safefs.ErrNotRegular) {
 			r.gone = true
 			return r
 		}
@@ -108,7 +110,7 @@ func (u *uploader) upload(ctx context.Context, j job) result {
 	}
 	r.conflict = c
 	r.bytesSent = st.size
-	after, err := os.Lstat(absPath(u.dir, rel))
+	after, err := u.root.Lstat(rel)
 	switch {
 	case err != nil:
 		r.gone = true
@@ -233,7 +235,7 @@ func (u *uploader) abortStale(ctx context.Context) error {
 			continue
 		}
 		rel := strings.TrimPrefix(j.Key, snapshot.DataDir)
-		if _, err := os.Lstat(absPath(u.dir, rel)); err != nil {
+		if _, err := u.root.Lstat(rel); err != nil {
 			// Abort by the journal's own id: listing cannot be relied on to
 			// find it (MinIO lists multipart uploads only by exact key).
 			u.log.Info("aborting multipart upload of a file that is gone", "key", j.Key)
