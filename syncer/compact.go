@@ -67,8 +67,13 @@ func (c *compactor) run(ctx context.Context) {
 	}
 }
 
-// once is one compaction, if this writer gets the lease.
+// once is one compaction, when a batch is old enough to be folded and this
+// writer gets the lease.
 func (c *compactor) once(ctx context.Context) error {
+	due, err := changelog.CheckpointDue(ctx, c.st, c.now(), c.margin)
+	if err != nil || !due {
+		return err
+	}
 	etag, ok, err := c.acquire(ctx)
 	if err != nil || !ok {
 		return err

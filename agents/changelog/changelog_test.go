@@ -180,7 +180,13 @@ func TestFoldOnStores(t *testing.T) {
 		if err != nil || paths(again) != "a.txt b.txt shared" {
 			t.Fatalf("point in time after the checkpoint: %s %v", paths(again), err)
 		}
-		// Nothing new up to the horizon: no second checkpoint.
+		// Nothing new up to the horizon: not due, and no second checkpoint.
+		if due, err := CheckpointDue(ctx, st, base.Add(2*time.Second+Margin), 0); err != nil || due {
+			t.Fatalf("checkpoint due without new batches: %v %v", due, err)
+		}
+		if due, err := CheckpointDue(ctx, st, base.Add(5*time.Second+Margin), 0); err != nil || !due {
+			t.Fatalf("checkpoint not due with c.txt's batch past the horizon: %v %v", due, err)
+		}
 		if id, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), 0, snapshot.Writer{Pod: "files-0"}); err != nil || id != "" {
 			t.Fatalf("checkpoint without new batches: %q %v", id, err)
 		}

@@ -121,6 +121,30 @@ func loadAll(ctx context.Context, st store.Store, infos []Info) ([]*Batch, error
 	return out, g.Wait()
 }
 
+// CheckpointDue reports, with two listings and no download, whether a batch
+// stamped at or before now - margin arrived since the newest checkpoint: the
+// compactors of every writer ask it each interval, and only then take the
+// compaction lease.
+func CheckpointDue(ctx context.Context, st store.Store, now time.Time, margin time.Duration) (bool, error) {
+	if margin <= 0 {
+		margin = Margin
+	}
+	horizon := now.Add(-margin).UTC()
+	var from time.Time
+	info, err := snapshot.Resolve(ctx, st, horizon.Format(time.RFC3339Nano))
+	switch {
+	case err == nil:
+		from = info.Created
+	case !errors.Is(err, snapshot.ErrNoSnapshot):
+		return false, err
+	}
+	infos, err := List(ctx, st, from)
+	if err != nil {
+		return false, err
+	}
+	return len(infos) > 0 && !infos[0].Time.After(horizon), nil
+}
+
 // Checkpoint folds everything stamped at or before now - margin (every
 // batch of that age has landed; margin 0 means Margin) into a snapshot and
 // returns its id, or "" when no batch arrived since the newest checkpoint
