@@ -87,12 +87,7 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 	if !errs.Has("SYNC_SNAPSHOT_INTERVAL") && c.SnapshotInterval != 0 && c.SnapshotInterval < 100*time.Millisecond {
 		errs.Add("SYNC_SNAPSHOT_INTERVAL", env.Get("SYNC_SNAPSHOT_INTERVAL"), "must be 0 (never) or at least 100ms")
 	}
-	if !errs.Has("SYNC_LOG_INTERVAL") && (c.LogInterval < 10*time.Millisecond || c.LogInterval > time.Minute) {
-		errs.Add("SYNC_LOG_INTERVAL", env.Get("SYNC_LOG_INTERVAL"), "must be between 10ms and 1m")
-	}
-	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
-		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")
-	}
+	c.validateFleet(env, errs)
 	if !errs.Has("SYNC_SNAPSHOT_RETAIN") && c.SnapshotRetain < 1 {
 		errs.Add("SYNC_SNAPSHOT_RETAIN", env.Get("SYNC_SNAPSHOT_RETAIN"), "must be at least 1")
 	}
@@ -107,6 +102,16 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		} else {
 			c.StateDir = filepath.Clean(c.StateDir)
 		}
+	}
+}
+
+// validateFleet checks the many-writer settings.
+func (c *Config) validateFleet(env config.Env, errs *config.Error) {
+	if !errs.Has("SYNC_LOG_INTERVAL") && (c.LogInterval < 10*time.Millisecond || c.LogInterval > time.Minute) {
+		errs.Add("SYNC_LOG_INTERVAL", env.Get("SYNC_LOG_INTERVAL"), "must be between 10ms and 1m")
+	}
+	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
+		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")
 	}
 }
 

@@ -775,18 +775,7 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		const margin = 2 * time.Second
 		r := startSyncer(t, cfg, func(s *Syncer) { s.comp.margin = margin })
 		st := s3Store(t, srv, prefix)
-		waitSnap := func(n int) {
-			t.Helper()
-			if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
-				m, err := latestSnapshot(t, st)
-				if err != nil || len(m.Files) != n {
-					return fmt.Errorf("latest state: %v %v", m, err)
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
-		}
+		waitSnap := func(n int) { t.Helper(); waitState(t, st, n) }
 		waitSnap(4)
 		os.Remove(filepath.Join(dir, "f0.txt"))
 		want := 4 // union: without SYNC_DELETE a removed file stays restorable
@@ -879,6 +868,15 @@ func testConflicts(t *testing.T, srv *peers.S3Server) {
 	if err := b.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
+	checkConflictOutcome(t, srv, prefix, kc, a, b)
+}
+
+// checkConflictOutcome: winners in data/, losers under conflicts/, the
+// fold naming the winners, identical content written once, and each side
+// reporting its conflict.
+func checkConflictOutcome(t *testing.T, srv *peers.S3Server, prefix string, kc *keyCounter, a, b *running) {
+	t.Helper()
+	shaA := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
 	for k, want := range map[string]string{"data/c.txt": "c from B", "data/d.txt": "d from B",
 		ConflictKey("c.txt", shaA("c from A")): "c from A", ConflictKey("d.txt", shaA("d from A")): "d from A"} {
 		got, meta, err := getObject(context.Background(), srv, prefix+"/"+k)
@@ -950,5 +948,20 @@ func testPollShared(t *testing.T, srv *peers.S3Server) {
 	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
 	if err != nil || len(m.Files) != n {
 		t.Fatalf("state: %v %v", m, err)
+	}
+}
+
+// waitState waits until the fold of the log (what a restore of latest
+// gives) lists n files.
+func waitState(t *testing.T, st store.Store, n int) {
+	t.Helper()
+	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		m, err := latestSnapshot(t, st)
+		if err != nil || len(m.Files) != n {
+			return fmt.Errorf("latest state: %v %v", m, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -81,11 +81,7 @@ func (u *uploader) upload(ctx context.Context, j job) result {
 		r.err = err
 		return r
 	}
-	if !fi.Mode().IsRegular() {
-		r.gone = true
-		return r
-	}
-	st := statOf(fi)
+	st := statOf(fi) // a regular file: Root.Open refuses anything else
 	r.stat = st
 	h := sha256.New()
 	buf := copyBufs.Get().(*[]byte)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -167,11 +168,25 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 			}
 		}
 	}
-	// 20 paths every writer writes with its own content and mtime (renamed
-	// into place, so it goes at once with that mtime): writer 2's newest
-	// version wins, the other two are kept as conflicts.
+	losers := writeClashes(t, dirs, want)
+	for _, p := range procs {
+		p.term(t)
+	}
+	t.Logf("3 writers × %d own files + 50 identical and 20 clashing shared paths: written, uploaded and drained in %s",
+		n, time.Since(start).Round(time.Millisecond))
+	checkConflicts(t, storeEnv, losers)
+	checkRestore(t, storeEnv, want)
+	t.Logf("union restored: %d files, all byte-identical, clashes resolved to the newest version", len(want))
+	testFourthWriter(t, bin, storeEnv, want)
+}
+
+// writeClashes writes 20 paths in every writer's directory, each with its
+// own content and mtime (renamed into place, so it goes at once with that
+// mtime): writer 2's newest version wins, and it returns the losers' content
+// by "PATH WRITER".
+func writeClashes(t *testing.T, dirs []string, want map[string]string) map[string]string {
 	clashBase := time.Now().Add(-time.Hour).Truncate(time.Second)
-	losers := map[string]bool{}
+	losers := map[string]string{}
 	for i := range 20 {
 		rel := fmt.Sprintf("clash/c%02d.txt", i)
 		for w, dir := range dirs {
@@ -182,31 +197,55 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 			if err := os.Rename(filepath.Join(dir, rel+".tmp"), filepath.Join(dir, rel)); err != nil {
 				t.Fatal(err)
 			}
-			if w == 2 {
+			if w == len(dirs)-1 {
 				want[rel] = content
 			} else {
-				losers[rel+" "+fmt.Sprintf("fleet/files-%d/uid-%d", w, w)] = true
+				losers[rel+" "+fmt.Sprintf("fleet/files-%d/uid-%d", w, w)] = content
 			}
 		}
 	}
-	for _, p := range procs {
-		p.term(t)
-	}
+	return losers
+}
+
+// checkConflicts: `restore conflicts` lists every loser, and the key it
+// names holds the loser's bytes (no silent overwrite).
+func checkConflicts(t *testing.T, storeEnv []string, losers map[string]string) {
+	t.Helper()
 	code, out, stderr := runBin(t, storeEnv, "conflicts")
 	if code != 0 {
 		t.Fatalf("restore conflicts: exit %d\n%s", code, stderr)
 	}
-	listed := 0
+	st := openStore(t, storeEnv)
+	kept := 0
 	for _, line := range strings.Split(out, "\n") {
-		if f := strings.Fields(line); len(f) == 6 && losers[f[0]+" "+f[1]] {
-			listed++
+		f := strings.Fields(line)
+		if len(f) != 6 {
+			continue
+		}
+		content, ok := losers[f[0]+" "+f[1]]
+		if !ok {
+			continue
+		}
+		rc, _, err := st.Get(context.Background(), f[5], store.GetOptions{})
+		if err != nil {
+			t.Errorf("%s: %v", f[5], err)
+			continue
+		}
+		b, _ := io.ReadAll(rc)
+		rc.Close()
+		if string(b) == content {
+			kept++
 		}
 	}
-	if listed != len(losers) || strings.Count(out, "\n") != len(losers)+1 {
-		t.Errorf("restore conflicts lists %d of the %d losers:\n%s", listed, len(losers), out)
+	if kept != len(losers) || strings.Count(out, "\n") != len(losers)+1 {
+		t.Errorf("restore conflicts lists %d of the %d losers with their bytes:\n%s", kept, len(losers), out)
 	}
-	t.Logf("20 paths with different content from 3 writers: %d losers kept and listed by restore conflicts", listed)
-	t.Logf("3 writers × %d files + 50 shared paths each: written, uploaded and drained in %s", n, time.Since(start).Round(time.Millisecond))
+	t.Logf("%d losers kept byte-identical and listed by restore conflicts", kept)
+}
+
+// checkRestore restores latest into a new directory and wants exactly want.
+func checkRestore(t *testing.T, storeEnv []string, want map[string]string) {
+	t.Helper()
 	got := readTree(t, restoreInto(t, storeEnv))
 	if len(got) != len(want) {
 		t.Errorf("restored %d files, want %d", len(got), len(want))
@@ -223,14 +262,12 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 	if bad > 0 {
 		t.Fatalf("%d of %d files wrong or missing", bad, len(want))
 	}
-	m, err := changelog.Fold(context.Background(), openStore(t, storeEnv), time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("union restored: %d files, all byte-identical", len(m.Files))
+}
 
-	// A fourth writer on the restored union (SYNC_DELETE=true) uploads nothing
-	// and deletes nothing; then it removes one file it has.
+// testFourthWriter: a writer started on the restored union (SYNC_DELETE=true)
+// uploads nothing and deletes nothing it does not have; then it removes one
+// file it has, and only that one is gone from the next restore.
+func testFourthWriter(t *testing.T, bin string, storeEnv []string, want map[string]string) {
 	dir := restoreInto(t, storeEnv)
 	os.RemoveAll(filepath.Join(dir, "w1")) // gone before it starts: never its file
 	p := startSyncerBin(t, bin, append(storeEnv, "SYNC_DIR="+dir, "SYNC_SETTLE=50ms", "SYNC_DELETE=true", "LOG_LEVEL=debug",
@@ -247,11 +284,8 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 	if c := strings.Count(p.log.String(), "msg=\"deletion logged\""); c != 1 {
 		t.Errorf("%d deletions logged, want 1 (w1/ was never this writer's)", c)
 	}
-	got = readTree(t, restoreInto(t, storeEnv))
 	delete(want, "w0/000/f00000.txt")
-	if len(got) != len(want) || got["w1/000/f00000.txt"] == "" {
-		t.Errorf("after one tombstone: %d files, want %d (w1/ kept)", len(got), len(want))
-	}
+	checkRestore(t, storeEnv, want)
 }
 
 // An upload the syncer acknowledged (logged "uploaded": its batch is stored)
