@@ -69,12 +69,15 @@ type ledger struct {
 	done         chan appendResult
 	// lastCheckpoint is the checkpoint the baseline started from.
 	lastCheckpoint string
+	// went is what this writer last knew of the object of a file it saw go:
+	// recreating the file is then an update of that object, not a conflict.
+	went map[string]seen
 }
 
 func newLedger(cfg *Config, st store.Store, log *slog.Logger, rec events.Recorder, m *metrics, w changelog.Writer) *ledger {
 	return &ledger{st: st, log: log, rec: rec, m: m, cfg: cfg, writer: w,
 		files: map[string]snapshot.File{}, staged: map[string]changelog.Change{}, dropped: map[string]bool{},
-		done: make(chan appendResult, 1)}
+		went: map[string]seen{}, done: make(chan appendResult, 1)}
 }
 
 // loadBaseline makes the fold of the log (every writer's files) the record of
@@ -124,7 +127,7 @@ func (l *ledger) uploadedAs(rel string, st fileStat) bool {
 func (l *ledger) seenAt(rel string) seen {
 	c, ok := l.change(rel)
 	if !ok || c.Deleted {
-		return seen{}
+		return l.went[rel]
 	}
 	return seen{etag: c.ETag, sha: c.SHA256}
 }
@@ -149,6 +152,9 @@ func (l *ledger) stage(c changelog.Change, now time.Time) {
 	}
 	l.staged[c.Path] = c
 	l.guardStale = true
+	if !c.Deleted {
+		delete(l.went, c.Path)
+	}
 }
 
 // record stages an upload for the next batch.
@@ -185,6 +191,9 @@ func (l *ledger) forgetTree(rel string, tree bool) {
 // this writer had becomes a tombstone; otherwise the log keeps what was
 // uploaded (union semantics: a writer never removes what others have).
 func (l *ledger) forget(k string) {
+	if c, ok := l.change(k); ok && !c.Deleted && c.ETag != "" {
+		l.went[k] = seen{etag: c.ETag, sha: c.SHA256}
+	}
 	_, had := l.files[k]
 	if c, ok := l.staged[k]; ok && !c.Deleted {
 		had = true

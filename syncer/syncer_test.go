@@ -850,6 +850,16 @@ func testConflicts(t *testing.T, srv *peers.S3Server) {
 	waitObject(t, srv, prefix, "d.txt", []byte("d from B"), 20*time.Second)
 	put(dirA, "d.txt", "d from A", old)
 
+	// e.txt: A writes, removes and recreates it: an update of its own
+	// object, no conflict.
+	put(dirA, "e.txt", "e first", old)
+	waitObject(t, srv, prefix, "e.txt", []byte("e first"), 20*time.Second)
+	time.Sleep(1500 * time.Millisecond) // acknowledged (SYNC_LOG_INTERVAL=1s)
+	os.Remove(filepath.Join(dirA, "e.txt"))
+	time.Sleep(300 * time.Millisecond)
+	put(dirA, "e.txt", "e second", newer)
+	waitObject(t, srv, prefix, "e.txt", []byte("e second"), 20*time.Second)
+
 	waitObject(t, srv, prefix, "c.txt", []byte("c from B"), 20*time.Second)
 	shaA := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
 	for _, k := range []string{ConflictKey("c.txt", shaA("c from A")), ConflictKey("d.txt", shaA("d from A"))} {
@@ -895,7 +905,7 @@ func checkConflictOutcome(t *testing.T, srv *peers.S3Server, prefix string, kc *
 		t.Fatal(err)
 	}
 	for _, f := range m.Files {
-		if want := map[string]string{"c.txt": "c from B", "d.txt": "d from B", "same.txt": "identical"}[f.Path]; f.SHA256 != shaA(want) {
+		if want := map[string]string{"c.txt": "c from B", "d.txt": "d from B", "same.txt": "identical", "e.txt": "e second"}[f.Path]; f.SHA256 != shaA(want) {
 			t.Errorf("the fold's %s is not the winner's version %q", f.Path, want)
 		}
 	}
