@@ -23,6 +23,9 @@ import (
 // uploads.
 const maxBatchFiles = 1000
 
+// maxWent bounds the memory of removed files' objects (ledger.went).
+const maxWent = 100_000
+
 // appendTimeout bounds one attempt to append a batch: the attempt after it
 // gets a new stamp, and a checkpoint folds only batches older than
 // changelog.Margin, so a slow PUT must give up well before that.
@@ -192,6 +195,9 @@ func (l *ledger) forgetTree(rel string, tree bool) {
 // uploaded (union semantics: a writer never removes what others have).
 func (l *ledger) forget(k string) {
 	if c, ok := l.change(k); ok && !c.Deleted && c.ETag != "" {
+		if len(l.went) >= maxWent {
+			clear(l.went) // bounded memory; a recreated file then reports a conflict whose bytes are kept
+		}
 		l.went[k] = seen{etag: c.ETag, sha: c.SHA256}
 	}
 	_, had := l.files[k]
