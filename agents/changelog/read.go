@@ -53,7 +53,7 @@ type Folded struct {
 	Checkpoint string    // id of the checkpoint it started from ("" none)
 	From       time.Time // that checkpoint's creation time
 	Writer     snapshot.Writer
-	Base       *snapshot.Manifest // that checkpoint
+	Base       *snapshot.Manifest // that checkpoint, when no batch came after it
 	Batches    int                // batches applied
 	Newest     time.Time          // stamp of the newest batch applied
 }
@@ -88,6 +88,9 @@ func FoldState(ctx context.Context, st store.Store, at time.Time) (*Folded, erro
 		if b.Time.After(f.Newest) {
 			f.Newest = b.Time
 		}
+	}
+	if f.Batches > 0 {
+		f.Base = nil // the state has it all: a large checkpoint is not held twice
 	}
 	return f, nil
 }
