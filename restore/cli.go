@@ -21,12 +21,15 @@ func Main(args, environ []string, stdout, stderr io.Writer) int {
 			return listCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
 		case "verify":
 			return verifyCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
+		case "conflicts":
+			return conflictsCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
 		}
 	}
 	return lifecycle.Agent[*Config]{
 		Name: "restore",
 		Summary: "Init container: restores a snapshot (latest, by id or point in time) from the store onto RESTORE_DIR, " +
-			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256).",
+			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256), " +
+			"`restore conflicts` (the kept losers of write conflicts between syncers).",
 		Run: func(ctx context.Context, cfg *Config, deps lifecycle.Deps) error {
 			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
 				return err
@@ -62,6 +65,29 @@ func listCommand(args []string, stdout io.Writer) lifecycle.Agent[*OpsConfig] {
 				return err
 			}
 			PrintList(stdout, entries)
+			return nil
+		},
+	}
+}
+
+func conflictsCommand(args []string, stdout io.Writer) lifecycle.Agent[*OpsConfig] {
+	return lifecycle.Agent[*OpsConfig]{
+		Name:      "restore conflicts",
+		Component: "restore",
+		Summary: "Lists the write conflicts between syncers of STORE_URL: per path, the losing writer and where its bytes are kept " +
+			"(data/PATH holds the winner: the newer mtime, then the greater writer id).",
+		Run: func(ctx context.Context, cfg *OpsConfig, deps lifecycle.Deps) error {
+			if len(args) > 0 {
+				return fmt.Errorf("restore conflicts takes no arguments, got %q", args)
+			}
+			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
+				return err
+			}
+			cs, err := Conflicts(ctx, deps.Store)
+			if err != nil {
+				return err
+			}
+			PrintConflicts(stdout, cs)
 			return nil
 		},
 	}

@@ -42,7 +42,7 @@ type Config struct {
 	Store config.Store
 
 	Dir         string `env:"RESTORE_DIR,required" help:"Directory to restore into (the Pod's shared emptyDir). Absolute path; created when missing."`
-	Snapshot    string `env:"RESTORE_SNAPSHOT" envDefault:"latest" help:"Which snapshot: latest, a snapshot id (restore list), or an RFC 3339 time (the newest snapshot created at or before it)."`
+	Snapshot    string `env:"RESTORE_SNAPSHOT" envDefault:"latest" help:"What to restore: latest (every writer's acknowledged files: the fold of the change log), an RFC 3339 time (the fold at that instant, within retention), or a snapshot id (restore list) as it was written."`
 	IfMissing   string `env:"RESTORE_IF_MISSING" envDefault:"empty" enum:"empty|fail" help:"No snapshot found: empty = log it and exit 0 (first deploy), fail = exit 1."`
 	Mode        string `env:"RESTORE_MODE" envDefault:"merge" enum:"merge|mirror|skip-if-not-empty|fail-if-not-empty" help:"merge = restore missing or different files, keep extra local ones; mirror = also remove files the snapshot lacks; skip-if-not-empty / fail-if-not-empty = do nothing / exit 1 when the directory holds anything."`
 	Concurrency int    `env:"RESTORE_CONCURRENCY" envDefault:"16" help:"Parallel downloads (files, or byte ranges of one large file)."`

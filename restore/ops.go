@@ -79,11 +79,7 @@ type VerifyReport struct {
 // Verify checks that every object of the snapshot spec exists with the recorded
 // size and sha256 metadata; deep also downloads each and hashes it.
 func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurrency int) (*VerifyReport, error) {
-	info, err := snapshot.Resolve(ctx, st, spec)
-	if err != nil {
-		return nil, err
-	}
-	m, err := snapshot.Load(ctx, st, info)
+	m, err := Resolve(ctx, st, spec)
 	if err != nil {
 		return nil, err
 	}
@@ -170,4 +166,52 @@ func versionText(f snapshot.File) string {
 // head is Store.Head, for the entry's version when it has one.
 func head(ctx context.Context, st store.Store, key, version string) (store.ObjectInfo, error) {
 	return st.Head(ctx, key, store.HeadOptions{VersionID: version})
+}
+
+// ConflictsDir is where syncers keep the losers' bytes of write conflicts
+// (two writers put different content at one path): conflicts/PATH/SHA256[:16].
+const ConflictsDir = "conflicts/"
+
+// Conflict is one kept loser of a write conflict.
+type Conflict struct {
+	Path   string // the file's path (data/PATH holds the winner)
+	Key    string // where the loser's bytes are
+	Writer string // namespace/pod/uid of the loser
+	Size   int64
+	MTime  string
+	SHA256 string
+}
+
+// Conflicts lists the kept losers of write conflicts, in path order.
+func Conflicts(ctx context.Context, st store.Store) ([]Conflict, error) {
+	var out []Conflict
+	for o, err := range st.List(ctx, ConflictsDir) {
+		if err != nil {
+			return nil, err
+		}
+		rest := o.Key[len(ConflictsDir):]
+		i := len(rest) - 1
+		for i >= 0 && rest[i] != '/' {
+			i--
+		}
+		if i <= 0 {
+			continue // not a conflict object
+		}
+		c := Conflict{Path: rest[:i], Key: o.Key, Size: o.Size}
+		if info, err := st.Head(ctx, o.Key, store.HeadOptions{}); err == nil {
+			c.Writer, c.MTime, c.SHA256 = info.Metadata["writer"], info.Metadata[snapshot.MetaMTime], info.Metadata[snapshot.MetaSHA256]
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// PrintConflicts writes the table of `restore conflicts`.
+func PrintConflicts(w io.Writer, cs []Conflict) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PATH\tLOSER\tSIZE\tMTIME\tSHA256\tKEPT AT")
+	for _, c := range cs {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", c.Path, c.Writer, c.Size, c.MTime, c.SHA256, c.Key)
+	}
+	tw.Flush()
 }

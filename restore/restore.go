@@ -187,7 +187,7 @@ func (r *Restorer) skipNotEmpty(stateRel string, start time.Time) (*Result, erro
 // means there is none and RESTORE_IF_MISSING=empty allows that.
 func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Manifest, error) {
 	cfg := r.cfg
-	info, err := snapshot.Resolve(ctx, r.st, cfg.Snapshot)
+	m, err := Resolve(ctx, r.st, cfg.Snapshot)
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
 		if cfg.IfMissing == IfMissingEmpty {
 			r.log.Info("no snapshot to restore; starting empty (RESTORE_IF_MISSING=empty)", "store", r.st.String(), "snapshot", cfg.Snapshot, "why", err.Error())
@@ -197,10 +197,6 @@ func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Man
 	}
 	if err != nil {
 		return nil, fmt.Errorf("find snapshot: %w", err)
-	}
-	m, err := snapshot.Load(ctx, r.st, info)
-	if err != nil {
-		return nil, fmt.Errorf("refusing snapshot %s: %w", info.ID, err)
 	}
 	if stateRel != "" {
 		for _, f := range m.Files {

@@ -31,13 +31,17 @@ type Config struct {
 	Settle           time.Duration `env:"SYNC_SETTLE" envDefault:"1s" help:"A file is uploaded once no write arrived for this long and its size and mtime are stable (files renamed into place go at once)."`
 	Concurrency      int           `env:"SYNC_CONCURRENCY" envDefault:"16" help:"Uploads in flight at once."`
 	MaxFileSize      int64         `env:"SYNC_MAX_FILE_SIZE" envDefault:"0" help:"Files larger than this many bytes are skipped with a warning and a metric (0 = no limit)."`
-	Delete           bool          `env:"SYNC_DELETE" envDefault:"false" help:"Delete data objects that no retained snapshot references and that are gone locally."`
-	SnapshotInterval time.Duration `env:"SYNC_SNAPSHOT_INTERVAL" envDefault:"1m" help:"Write a snapshot this often when something changed (0 = only at shutdown)."`
-	SnapshotRetain   int           `env:"SYNC_SNAPSHOT_RETAIN" envDefault:"48" help:"Number of newest snapshots kept."`
-	ShutdownTimeout  time.Duration `env:"SYNC_SHUTDOWN_TIMEOUT" envDefault:"25s" help:"Time to drain uploads, write the final snapshot and release the lease after SIGTERM; past it the syncer exits 1 listing what was left."`
+	Delete           bool          `env:"SYNC_DELETE" envDefault:"false" help:"Record a file this syncer had and saw removed as a deletion (a tombstone in the change log: restore no longer brings it back), and let retention delete the data objects of deleted files. Off: restore brings back every file any writer uploaded."`
+	LogInterval      time.Duration `env:"SYNC_LOG_INTERVAL" envDefault:"1s" help:"Uploads and deletions are appended to the change log (PREFIX/log/) at most this long after they finish, or every 1000 files; an upload counts as done only once its batch is stored."`
+	SnapshotInterval time.Duration `env:"SYNC_SNAPSHOT_INTERVAL" envDefault:"1m" help:"Try this often to fold the change log into a checkpoint snapshot and apply retention (one syncer of the prefix at a time, under a short compaction lease; 0 = never)."`
+	SnapshotRetain   int           `env:"SYNC_SNAPSHOT_RETAIN" envDefault:"48" help:"Number of newest checkpoints kept (the change log older than the oldest one is deleted: point-in-time restore reaches back to it)."`
+	ShutdownTimeout  time.Duration `env:"SYNC_SHUTDOWN_TIMEOUT" envDefault:"25s" help:"Time to drain uploads and append them to the change log after SIGTERM; past it the syncer exits 1 listing what was left."`
+	Watch            string        `env:"SYNC_WATCH" envDefault:"auto" enum:"auto|inotify|poll" help:"How changes are seen: inotify, or poll (walk SYNC_DIR every SYNC_POLL_INTERVAL: readdir and stat per directory; needed on shared volumes, where inotify misses other clients' writes). auto = poll on NFS, SMB/CIFS, FUSE, 9p and CephFS (statfs), inotify elsewhere."`
+	PollInterval     time.Duration `env:"SYNC_POLL_INTERVAL" envDefault:"2s" help:"Time between two walks in poll mode."`
+	Exclusive        bool          `env:"SYNC_EXCLUSIVE" envDefault:"false" help:"Hold the single-writer lease PREFIX/lease.json: a second syncer on the prefix (another namespace/Pod/UID) exits 1. Off: any number of syncers share the prefix."`
 	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
 	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
-	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Write a snapshot even when it drops more than half of the previous snapshot's files (otherwise such a snapshot is held back as a likely unmounted or wiped volume)."`
+	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Record deletions even when more than half of the files this syncer had are gone (otherwise they are held back as a likely unmounted or wiped volume)."`
 }
 
 // BaseConfig implements lifecycle.Configurable.
@@ -81,8 +85,9 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		errs.Add("SYNC_MAX_FILE_SIZE", env.Get("SYNC_MAX_FILE_SIZE"), "must be 0 (no limit) or a positive number of bytes")
 	}
 	if !errs.Has("SYNC_SNAPSHOT_INTERVAL") && c.SnapshotInterval != 0 && c.SnapshotInterval < 100*time.Millisecond {
-		errs.Add("SYNC_SNAPSHOT_INTERVAL", env.Get("SYNC_SNAPSHOT_INTERVAL"), "must be 0 (only at shutdown) or at least 100ms")
+		errs.Add("SYNC_SNAPSHOT_INTERVAL", env.Get("SYNC_SNAPSHOT_INTERVAL"), "must be 0 (never) or at least 100ms")
 	}
+	c.validateFleet(env, errs)
 	if !errs.Has("SYNC_SNAPSHOT_RETAIN") && c.SnapshotRetain < 1 {
 		errs.Add("SYNC_SNAPSHOT_RETAIN", env.Get("SYNC_SNAPSHOT_RETAIN"), "must be at least 1")
 	}
@@ -97,6 +102,16 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 		} else {
 			c.StateDir = filepath.Clean(c.StateDir)
 		}
+	}
+}
+
+// validateFleet checks the many-writer settings.
+func (c *Config) validateFleet(env config.Env, errs *config.Error) {
+	if !errs.Has("SYNC_LOG_INTERVAL") && (c.LogInterval < 10*time.Millisecond || c.LogInterval > time.Minute) {
+		errs.Add("SYNC_LOG_INTERVAL", env.Get("SYNC_LOG_INTERVAL"), "must be between 10ms and 1m")
+	}
+	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
+		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")
 	}
 }
 

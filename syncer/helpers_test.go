@@ -28,6 +28,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
@@ -376,11 +377,8 @@ func s3Store(t *testing.T, srv *peers.S3Server, prefix string) store.Store {
 
 func latestSnapshot(t *testing.T, st store.Store) (*snapshot.Manifest, error) {
 	t.Helper()
-	info, err := snapshot.Resolve(context.Background(), st, "latest")
-	if err != nil {
-		return nil, err
-	}
-	return snapshot.Load(context.Background(), st, info)
+	// What a restore of "latest" plans from: the fold of the change log.
+	return changelog.Fold(context.Background(), st, time.Time{})
 }
 
 // keyCounter is a reverse proxy that counts writes by key, so a test can say
@@ -389,19 +387,35 @@ type keyCounter struct {
 	URL string
 	mu  sync.Mutex
 	put map[string]int // "METHOD key"
+	ok  map[string]int // the same, answered 2xx
 }
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) { w.status = code; w.ResponseWriter.WriteHeader(code) }
 
 func newKeyCounter(t *testing.T, target string) *keyCounter {
 	u, _ := url.Parse(target)
-	k := &keyCounter{put: map[string]int{}}
+	k := &keyCounter{put: map[string]int{}, ok: map[string]int{}}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPut || r.Method == http.MethodPost || r.Method == http.MethodDelete {
+		write := r.Method == http.MethodPut || r.Method == http.MethodPost || r.Method == http.MethodDelete
+		name := r.Method + " " + strings.TrimPrefix(r.URL.Path, "/"+peers.Bucket+"/")
+		if write {
 			k.mu.Lock()
-			k.put[r.Method+" "+strings.TrimPrefix(r.URL.Path, "/"+peers.Bucket+"/")]++
+			k.put[name]++
 			k.mu.Unlock()
 		}
-		rp.ServeHTTP(w, r)
+		sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+		rp.ServeHTTP(sw, r)
+		if write && sw.status/100 == 2 {
+			k.mu.Lock()
+			k.ok[name]++
+			k.mu.Unlock()
+		}
 	}))
 	t.Cleanup(srv.Close)
 	k.URL = srv.URL
@@ -419,6 +433,13 @@ func (k *keyCounter) writes(part string) []string {
 		}
 	}
 	return out
+}
+
+// okWrites counts the write requests to exactly key that succeeded.
+func (k *keyCounter) okWrites(method, key string) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.ok[method+" "+key]
 }
 
 // proc runs the syncer binary.

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"regexp"
 	"strings"
 	"sync"
@@ -18,17 +19,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
-// LeaseKey is the single-writer lease at the prefix root.
+// LeaseKey is the optional single-writer lease at the prefix root
+// (SYNC_EXCLUSIVE=true).
 const LeaseKey = "lease.json"
 
 // LeaseDoc is the content of lease.json.
 type LeaseDoc struct {
 	Pod       string    `json:"pod"`
 	Namespace string    `json:"namespace,omitempty"`
+	UID       string    `json:"uid,omitempty"`
 	Host      string    `json:"host"`
 	Acquired  time.Time `json:"acquired"`
 	Expires   time.Time `json:"expires"`
@@ -52,13 +56,45 @@ type LeaseConflictError struct {
 }
 
 func (e *LeaseConflictError) Error() string {
-	return fmt.Sprintf("%s/%s is held by %s until %s: only one syncer may write a prefix (a restarted pod with the same POD_NAME takes its lease over)",
+	return fmt.Sprintf("%s/%s is held by %s until %s: SYNC_EXCLUSIVE=true lets only one syncer write a prefix (a restarted container of the same Pod — namespace, name and UID — takes its lease over)",
 		e.Store, LeaseKey, e.Holder.holder(), e.Holder.Expires.Format(time.RFC3339))
 }
 
-// identity names this syncer in the lease and in the snapshots it writes.
+// identity names this syncer in the change log, the leases and the
+// checkpoints it writes: namespace, Pod name and Pod UID (a Pod of the same
+// name in another namespace, or a replacement Pod, is another writer).
 type identity struct {
-	pod, namespace, host string
+	pod, namespace, uid, host string
+}
+
+// newIdentity fills what the downward API did not give: the Pod name falls
+// back to the hostname (which is the Pod name in Kubernetes), the UID to a
+// random id of this process, so two processes never share an identity.
+func newIdentity(pod, namespace, uid string) identity {
+	host, _ := os.Hostname()
+	if pod == "" {
+		pod = host
+	}
+	if pod == "" {
+		pod = "syncer"
+	}
+	if uid == "" {
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		uid = "process-" + hex.EncodeToString(b)
+	}
+	return identity{pod: pod, namespace: namespace, uid: uid, host: host}
+}
+
+// writer is the identity as the change log names it.
+func (id identity) writer() changelog.Writer {
+	return changelog.Writer{Namespace: id.namespace, Pod: id.pod, UID: id.uid}
+}
+
+// same reports whether a lease document names this identity: namespace, name
+// and UID, never the name alone (staging/files-0 is not prod/files-0).
+func (id identity) same(d LeaseDoc) bool {
+	return d.Pod == id.pod && d.Namespace == id.namespace && d.UID == id.uid
 }
 
 var suffixRe = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
@@ -101,7 +137,7 @@ func newLease(st store.Store, id identity, log *slog.Logger, rec events.Recorder
 }
 
 func (l *lease) newDoc(acquired time.Time) LeaseDoc {
-	return LeaseDoc{Pod: l.id.pod, Namespace: l.id.namespace, Host: l.id.host, Acquired: acquired, Expires: l.now().UTC().Add(l.ttl)}
+	return LeaseDoc{Pod: l.id.pod, Namespace: l.id.namespace, UID: l.id.uid, Host: l.id.host, Acquired: acquired, Expires: l.now().UTC().Add(l.ttl)}
 }
 
 func (l *lease) put(ctx context.Context, doc LeaseDoc, opts store.PutOptions) error {
@@ -117,8 +153,8 @@ func (l *lease) put(ctx context.Context, doc LeaseDoc, opts store.PutOptions) er
 	return nil
 }
 
-// acquire creates the lease, or takes over one that expired or that a pod of
-// the same name holds.
+// acquire creates the lease, or takes over one that expired or that this
+// same Pod (namespace, name, UID: a restarted container) holds.
 func (l *lease) acquire(ctx context.Context) error {
 	for range 5 {
 		now := l.now().UTC()
@@ -141,7 +177,7 @@ func (l *lease) acquire(ctx context.Context) error {
 		var cur LeaseDoc
 		if err := json.Unmarshal(b, &cur); err != nil {
 			l.log.Warn("lease object unreadable, taking it over", "err", err)
-		} else if !(cur.Pod != "" && cur.Pod == l.id.pod) && now.Before(cur.Expires) {
+		} else if !l.id.same(cur) && now.Before(cur.Expires) {
 			return &LeaseConflictError{Holder: cur, Store: l.st.String()}
 		} else {
 			l.log.Info("taking over lease", "holder", cur.holder(), "expired", !now.Before(cur.Expires))
@@ -211,7 +247,7 @@ func (l *lease) stillOurs(ctx context.Context, acquired time.Time) bool {
 	if json.NewDecoder(io.LimitReader(rc, 64<<10)).Decode(&cur) != nil {
 		return false
 	}
-	if cur.Pod != l.id.pod || cur.Host != l.id.host || !cur.Acquired.Equal(acquired) {
+	if !l.id.same(cur) || cur.Host != l.id.host || !cur.Acquired.Equal(acquired) {
 		return false
 	}
 	l.mu.Lock()

@@ -46,6 +46,12 @@ func TestLeaseTakeover(t *testing.T) {
 	if err := a2.acquire(ctx); err != nil {
 		t.Fatalf("same pod name: %v", err)
 	}
+	// Same name and UID in another namespace is another writer.
+	other := newL("pod-a")
+	other.id.namespace = "staging"
+	if err := other.acquire(ctx); !errors.As(err, &lc) {
+		t.Fatalf("staging/pod-a took default/pod-a's lease: %v", err)
+	}
 	// Anyone takes over an expired lease.
 	now = now.Add(leaseTTL + time.Second)
 	if err := b.acquire(ctx); err != nil {

@@ -21,6 +21,9 @@ type metrics struct {
 	snapshots     prometheus.Counter
 	deleted       prometheus.Counter
 	leaseRenewals prometheus.Counter
+	batches       prometheus.Counter
+	deletions     prometheus.Counter
+	conflicts     prometheus.Counter
 	queue         prometheus.Gauge
 	queueBytes    prometheus.Gauge
 	oldest        prometheus.Gauge
@@ -43,18 +46,21 @@ func newMetrics(h *health.Server) *metrics {
 		parts:         c("multipart_parts_total", "Multipart parts uploaded (parts reused after a restart are not counted)."),
 		skipped:       c("skipped_too_large_total", "Files not uploaded because they exceed SYNC_MAX_FILE_SIZE."),
 		rescans:       c("rescans_total", "Full rescans after lost events (inotify overflow, watch errors)."),
-		snapshots:     c("snapshots_total", "Snapshots written."),
+		snapshots:     c("snapshots_total", "Checkpoints (snapshots folding the change log) written."),
 		deleted:       c("deleted_objects_total", "Data objects deleted by retention (SYNC_DELETE=true)."),
-		leaseRenewals: c("lease_renewals_total", "Lease renewals."),
+		leaseRenewals: c("lease_renewals_total", "Lease renewals (SYNC_EXCLUSIVE=true)."),
+		batches:       c("log_batches_total", "Batches appended to the change log (each acknowledges the uploads and deletions in it)."),
+		deletions:     c("deletions_total", "Deletions recorded in the change log as tombstones (SYNC_DELETE=true)."),
+		conflicts:     c("conflicts_total", "Write conflicts: another writer had put different content at a path; the loser's bytes are kept under conflicts/."),
 		queue:         g("queue_files", "Files waiting to be uploaded (settling, queued or in flight)."),
 		queueBytes:    g("queue_bytes", "Bytes of the files waiting to be uploaded."),
 		oldest:        g("oldest_pending_seconds", "Age of the oldest file waiting to be uploaded."),
-		lastSnapshot:  g("last_snapshot_timestamp_seconds", "Creation time of the newest snapshot written or loaded."),
+		lastSnapshot:  g("last_snapshot_timestamp_seconds", "Creation time of the newest checkpoint written or loaded."),
 		watches:       g("watches", "Directories watched."),
-		massDelete:    g("mass_delete_blocked", "1 while a snapshot is held back by the mass-delete guard."),
+		massDelete:    g("mass_delete_blocked", "1 while deletions are held back by the mass-delete guard."),
 	}
 	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
-		m.leaseRenewals, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
+		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
 	for _, r := range []string{"ok", "error", "changed"} {
 		m.uploads.WithLabelValues(r)
 	}

@@ -73,8 +73,9 @@ func (h *dueHeap) Pop() any {
 }
 
 type job struct {
-	rel string
-	gen uint64
+	rel  string
+	gen  uint64
+	seen seen // the object this writer knew at hand-out (conditional write)
 }
 
 type result struct {
@@ -85,6 +86,7 @@ type result struct {
 	gone      bool
 	changed   bool
 	skipped   bool
+	conflict  *conflict // the write met another writer's different content
 	err       error
 	bytesSent int64
 }
@@ -99,6 +101,8 @@ type queue struct {
 	maxFileSize int64 // 0: no limit
 	// uploaded reports whether rel is recorded as uploaded with exactly st.
 	uploaded func(rel string, st fileStat) bool
+	// seen is the object this writer knows at rel (nil: none known).
+	seen func(rel string) seen
 
 	pending  map[string]*pend
 	dues     dueHeap             // pending files by due time (entries may be stale)
@@ -146,6 +150,16 @@ func (q *queue) consider(rel string, st fileStat, now time.Time, immediate bool)
 		return
 	}
 	q.touch(rel, st, now, immediate)
+}
+
+// observe is poll mode's consider: a file found unchanged since the last
+// walk keeps its settle time (touching it would restart it, or re-upload a
+// file in flight).
+func (q *queue) observe(rel string, st fileStat, now time.Time) {
+	if p := q.pending[rel]; p != nil && p.stat.same(st) {
+		return
+	}
+	q.consider(rel, st, now, false)
 }
 
 // touch records a change of rel.
@@ -303,8 +317,12 @@ func (q *queue) handOut(jobs chan<- job) {
 			q.ready = q.ready[1:]
 			continue
 		}
+		var sn seen
+		if q.seen != nil {
+			sn = q.seen(rel)
+		}
 		select {
-		case jobs <- job{rel: rel, gen: p.gen}:
+		case jobs <- job{rel: rel, gen: p.gen, seen: sn}:
 			q.ready = q.ready[1:]
 			p.queued, p.inflight, p.jobGen = false, true, p.gen
 		default:

@@ -1,11 +1,16 @@
 package syncer
 
 import (
+	"context"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 )
 
@@ -110,10 +115,12 @@ func TestDuesOrder(t *testing.T) {
 }
 
 // Removing a file forgets only it; removing a directory forgets everything
-// under it, uploaded, pending or in flight.
+// under it, uploaded, pending or in flight. With SYNC_DELETE each file this
+// writer had becomes a tombstone; a path it never had does not.
 func TestGone(t *testing.T) {
-	snap := &snapshotter{files: map[string]snapshot.File{}}
-	s := &Syncer{snap: snap, q: newQueue(time.Second, 0, snap.uploadedAs)}
+	snap := newLedger(&Config{Delete: true}, nil, nil, nil, nil, changelog.Writer{Pod: "p"})
+	snap.live = true
+	s := &Syncer{led: snap, q: newQueue(time.Second, 0, snap.uploadedAs)}
 	for _, k := range []string{"a/x", "a/y", "a/b/z", "ab", "c"} {
 		snap.files[k] = snapshot.File{Path: k}
 	}
@@ -121,8 +128,12 @@ func TestGone(t *testing.T) {
 	s.q.pending["a/q"] = &pend{inflight: true}
 	s.q.pending["c"] = &pend{}
 	s.gone("c")
-	if _, ok := snap.files["c"]; ok || s.q.pending["c"] != nil || !snap.dirty {
-		t.Fatal("file c not forgotten")
+	if _, ok := snap.files["c"]; ok || s.q.pending["c"] != nil || !snap.staged["c"].Deleted {
+		t.Fatal("file c not forgotten or not tombstoned")
+	}
+	s.gone("never-had")
+	if _, ok := snap.staged["never-had"]; ok {
+		t.Fatal("a path this writer never had was tombstoned")
 	}
 	s.gone("a")
 	for _, k := range []string{"a/x", "a/y", "a/b/z"} {
@@ -132,6 +143,9 @@ func TestGone(t *testing.T) {
 	}
 	if _, ok := snap.files["ab"]; !ok {
 		t.Error("ab forgotten with directory a")
+	}
+	if n := snap.tombstones(); n != 4 {
+		t.Errorf("%d tombstones, want 4 (c, a/x, a/y, a/b/z)", n)
 	}
 	if s.q.pending["a/b/p"] != nil || s.q.pending["a/q"] == nil || !s.q.pending["a/q"].removed {
 		t.Errorf("pending after removing a: %v", s.q.pending)
@@ -246,5 +260,42 @@ func TestQueueConsiderAndStaleResult(t *testing.T) {
 	}
 	if f := q.finished(result{rel: "f002", gone: true}, now); f.outcome != outForget || q.pending["f002"] != nil {
 		t.Errorf("gone result: %+v, pending %v", f, q.pending["f002"])
+	}
+}
+
+// SYNC_WATCH: explicit modes win; auto polls only on a network or FUSE
+// filesystem (the test's temp dir is neither).
+func TestWatchMode(t *testing.T) {
+	dir := t.TempDir()
+	if poll, _ := watchMode("poll", dir); !poll {
+		t.Error("SYNC_WATCH=poll does not poll")
+	}
+	if poll, _ := watchMode("inotify", dir); poll {
+		t.Error("SYNC_WATCH=inotify polls")
+	}
+	if poll, fs := watchMode("auto", dir); poll {
+		t.Errorf("auto polls on the temp dir (%s)", fs)
+	}
+}
+
+// The uploader opens files below SYNC_DIR through safefs: a parent directory
+// that is a link to outside (swapped in after the file was queued) is never
+// followed, and nothing is sent (the store is nil: a Put would panic).
+func TestUploadNeverFollowsLinkedParent(t *testing.T) {
+	dir, outside := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(outside, "secret"), []byte("outside"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(dir, "a")); err != nil {
+		t.Fatal(err)
+	}
+	root, err := safefs.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	u := &uploader{root: root}
+	if r := u.upload(context.Background(), job{rel: "a/secret"}); !r.gone || r.err != nil || r.bytesSent != 0 {
+		t.Fatalf("upload through a linked parent: %+v", r)
 	}
 }

@@ -14,16 +14,18 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
 // Syncer is one running syncer: stages with one owner each, joined by the
-// event loop. The loop goroutine owns the watcher, the queue and the
-// snapshotter; workers only upload (uploader) and report back; the lease
-// renews itself in the background.
+// event loop. The loop goroutine owns the watcher, the queue and the ledger
+// (this writer's part of the change log); workers only upload (uploader) and
+// report back; the compactor and the optional lease run in the background.
 type Syncer struct {
 	cfg    *Config
 	deps   lifecycle.Deps
@@ -34,8 +36,9 @@ type Syncer struct {
 
 	w     *watcher
 	q     *queue
-	snap  *snapshotter
-	lease *lease
+	led   *ledger
+	comp  *compactor
+	lease *lease // nil unless SYNC_EXCLUSIVE
 	up    *uploader
 
 	jobs    chan job
@@ -46,6 +49,8 @@ type Syncer struct {
 	// newNotifier opens the fsnotify watcher (a test substitutes one it can
 	// pause).
 	newNotifier func() (notifier, error)
+	// polling: SYNC_WATCH resolved to poll (no events: a walk per interval).
+	polling bool
 }
 
 // New builds a syncer on deps.Store, which is required. It does not touch the
@@ -66,18 +71,22 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	if deps.DrainTimeout <= 0 {
 		deps.DrainTimeout = cfg.DrainTimeout()
 	}
-	host, _ := os.Hostname()
-	id := identity{pod: cfg.Base.PodName, namespace: cfg.Base.PodNamespace, host: host}
+	id := newIdentity(cfg.Base.PodName, cfg.Base.PodNamespace, cfg.Base.PodUID)
 	s := &Syncer{cfg: cfg, deps: deps, log: deps.Log, health: deps.Health, newNotifier: newFSNotifier,
 		jobs: make(chan job, cfg.Concurrency), results: make(chan result, cfg.Concurrency)}
 	// One limiter for every stage: a reason is rate-limited wherever it comes from.
 	s.rec = newLimitedRecorder(deps.Events)
 	s.m = newMetrics(deps.Health)
 	s.w = newWatcher(cfg, s.log, s.m)
-	s.snap = newSnapshotter(cfg, deps.Store, s.log, s.rec, s.m, id)
-	s.q = newQueue(cfg.Settle, cfg.MaxFileSize, s.snap.uploadedAs)
-	s.lease = newLease(deps.Store, id, s.log, s.rec, s.m.leaseRenewals)
-	s.up = &uploader{dir: cfg.Dir, journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
+	s.led = newLedger(cfg, deps.Store, s.log, s.rec, s.m, id.writer())
+	s.comp = &compactor{st: deps.Store, log: s.log, rec: s.rec, m: s.m, cfg: cfg, writer: id.writer(),
+		margin: changelog.Margin, now: time.Now}
+	s.q = newQueue(cfg.Settle, cfg.MaxFileSize, s.led.uploadedAs)
+	s.q.seen = s.led.seenAt
+	if cfg.Exclusive {
+		s.lease = newLease(deps.Store, id, s.log, s.rec, s.m.leaseRenewals)
+	}
+	s.up = &uploader{writer: id.writer().ID(), journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
 	return s, nil
@@ -89,31 +98,26 @@ func (s *Syncer) Run(ctx context.Context) error {
 	if err := os.MkdirAll(s.up.journal, 0o700); err != nil {
 		return fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
 	}
-	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency)
+	root, err := safefs.OpenRoot(s.cfg.Dir)
+	if err != nil {
+		return fmt.Errorf("SYNC_DIR: %w", err)
+	}
+	defer root.Close()
+	s.up.root = root
+	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency,
+		"writer", s.led.writer.ID(), "exclusive", s.cfg.Exclusive)
 
 	// Uploads outlive the signal: they end when the drain deadline passes, not
 	// when SIGTERM arrives.
 	workCtx, workCancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer workCancel()
 
-	if err := s.retryStartup(ctx, "acquire lease", s.lease.acquire); err != nil {
-		var lc *LeaseConflictError
-		if errors.As(err, &lc) {
-			s.rec.Event(ctx, events.Warning, "LeaseConflict", lc.Error())
-		}
+	leaseLost, release, err := s.holdLease(ctx, workCtx)
+	if err != nil {
 		return err
 	}
-	leaseLost, stopRenewing := s.lease.hold(workCtx)
-	released := false
-	defer func() {
-		stopRenewing()
-		if !released {
-			// Leaving without a clean drain: keep the lease until it expires
-			// unless we can release it quickly, so a restart of the same pod
-			// takes it over anyway.
-			s.lease.releaseWithin(ctx, 2*time.Second)
-		}
-	}()
+	clean := false
+	defer func() { release(clean) }()
 
 	defer s.w.close()
 	if err := s.prepare(ctx); err != nil {
@@ -123,22 +127,50 @@ func (s *Syncer) Run(ctx context.Context) error {
 	// The app may start now (native sidecar startup probe): every file it
 	// writes from here on is seen.
 	s.health.SetStarted()
-	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.snap.files))
+	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.led.files))
+
+	compCtx, stopCompacting := context.WithCancel(ctx)
+	compDone := make(chan struct{})
+	go func() { defer close(compDone); s.comp.run(compCtx) }()
+	defer func() { stopCompacting(); <-compDone }()
 
 	defer s.startWorkers(workCtx, workCancel)()
-	err := s.loop(ctx, workCtx, workCancel, leaseLost)
-	if err == nil {
-		stopRenewing()
-		s.lease.releaseWithin(ctx, 5*time.Second)
-		released = true
-	}
+	err = s.loop(ctx, workCtx, workCancel, leaseLost)
+	clean = err == nil
 	return err
 }
 
-// prepare is the startup after the lease: the baseline, stale multipart
-// uploads, and the watches with the first walk.
+// holdLease takes the single-writer lease with SYNC_EXCLUSIVE=true (without
+// it there is none: lost never fires). release(clean) gives it back: at once
+// after a clean drain, otherwise if it can be done quickly.
+func (s *Syncer) holdLease(ctx, workCtx context.Context) (lost <-chan error, release func(clean bool), err error) {
+	if s.lease == nil {
+		return nil, func(bool) {}, nil
+	}
+	if err := s.retryStartup(ctx, "acquire lease", s.lease.acquire); err != nil {
+		var lc *LeaseConflictError
+		if errors.As(err, &lc) {
+			s.rec.Event(ctx, events.Warning, "LeaseConflict", lc.Error())
+		}
+		return nil, nil, err
+	}
+	lost, stopRenewing := s.lease.hold(workCtx)
+	return lost, func(clean bool) {
+		stopRenewing()
+		within := 2 * time.Second // leaving without a clean drain: try quickly, else it expires
+		if clean {
+			within = 5 * time.Second
+		}
+		s.lease.releaseWithin(ctx, within)
+	}, nil
+}
+
+// prepare is the startup: the baseline (the fold of the change log), stale
+// multipart uploads, and the watches with the first walk. Files of the
+// baseline the walk does not find are other writers' (or gone before this
+// writer started): they are left alone, never deleted.
 func (s *Syncer) prepare(ctx context.Context) error {
-	if err := s.retryStartup(ctx, "load baseline snapshot", s.snap.loadBaseline); err != nil {
+	if err := s.retryStartup(ctx, "load baseline (fold of the change log)", s.led.loadBaseline); err != nil {
 		return err
 	}
 	if s.up.mp != nil {
@@ -146,10 +178,20 @@ func (s *Syncer) prepare(ctx context.Context) error {
 			return err
 		}
 	}
+	poll, fsName := watchMode(s.cfg.Watch, s.cfg.Dir)
+	if poll {
+		s.polling = true
+		s.newNotifier = newPollNotifier
+		s.log.Info("poll mode: walking SYNC_DIR every SYNC_POLL_INTERVAL", "interval", s.cfg.PollInterval, "filesystem", fsName, "SYNC_WATCH", s.cfg.Watch)
+	}
 	if err := s.w.open(s.newNotifier); err != nil {
 		return err
 	}
-	return s.rescan(time.Now(), false)
+	if err := s.rescan(time.Now(), false); err != nil {
+		return err
+	}
+	s.led.live = true
+	return nil
 }
 
 // retryStartup retries a startup step through outages until ctx ends.
@@ -180,27 +222,31 @@ func (s *Syncer) startWorkers(ctx context.Context, cancel context.CancelFunc) (s
 }
 
 // loop is the event loop: fsnotify events, due files, worker results,
-// snapshots and housekeeping, until the drain is done, runs out of time, or
-// the lease is lost.
+// change-log batches and housekeeping, until the drain is done, runs out of
+// time, or the lease is lost.
 func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFunc, leaseLost <-chan error) error {
 	due := time.NewTimer(time.Hour)
 	defer due.Stop()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	var snapC <-chan time.Time
-	if s.cfg.SnapshotInterval > 0 {
-		t := time.NewTicker(s.cfg.SnapshotInterval)
+	var pollC <-chan time.Time
+	if s.polling {
+		t := time.NewTicker(s.cfg.PollInterval)
 		defer t.Stop()
-		snapC = t.C
+		pollC = t.C
 	}
 	signal := ctx.Done()
 	var drainCtx context.Context
 	drainCancel := func() {}
 	defer func() { drainCancel() }()
 	for {
-		s.dispatch(time.Now())
-		if s.q.draining && s.q.len() == 0 && !s.snap.running {
-			return s.finalSnapshot(drainCtx)
+		now := time.Now()
+		s.dispatch(now)
+		if s.led.due(now, s.q.draining) {
+			s.led.flush(workCtx)
+		}
+		if s.q.draining && s.q.len() == 0 && s.led.idle() {
+			return s.drained()
 		}
 		due.Reset(s.untilDue())
 		select {
@@ -213,12 +259,10 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 		case <-due.C:
 		case r := <-s.results:
 			s.onResult(r, time.Now())
-		case <-snapC:
-			if !s.q.draining {
-				s.snap.start(workCtx, s.q.paths())
-			}
-		case r := <-s.snap.done:
-			s.snap.finish(r)
+		case r := <-s.led.done:
+			s.led.ack(r)
+		case <-pollC:
+			s.poll(time.Now())
 		case err := <-leaseLost:
 			return err
 		case <-tick.C:
@@ -235,6 +279,9 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 
 func (s *Syncer) untilDue() time.Duration {
 	next := s.q.nextDue()
+	if n := s.led.nextDue(); !n.IsZero() && (next.IsZero() || n.Before(next)) {
+		next = n
+	}
 	if next.IsZero() {
 		return time.Hour
 	}
@@ -261,36 +308,23 @@ func (s *Syncer) startDrain(ctx context.Context, workCancel context.CancelFunc) 
 	return drainCtx, cancel
 }
 
-// finalSnapshot ends a drain that uploaded everything.
-func (s *Syncer) finalSnapshot(drainCtx context.Context) error {
-	if !s.snap.owed() {
-		s.log.Info("drained", "files", len(s.snap.files))
-		return nil
+// drained ends a drain that uploaded everything and appended it to the log.
+func (s *Syncer) drained() error {
+	if s.led.guardBlocked {
+		return errGuardHeld
 	}
-	if s.snap.start(drainCtx, s.q.paths()) {
-		select {
-		case r := <-s.snap.done:
-			s.snap.finish(r)
-			if r.err != nil {
-				if drainCtx.Err() != nil {
-					return s.leftover()
-				}
-				return fmt.Errorf("final snapshot: %w", r.err)
-			}
-		case <-drainCtx.Done():
-			return s.leftover()
-		}
-	}
-	if s.snap.guardBlocked {
-		return errors.New("final snapshot held back by the mass-delete guard (more than half of the files are gone; set SYNC_ALLOW_MASS_DELETE=true if that is intended)")
-	}
-	s.log.Info("drained", "files", len(s.snap.files))
+	s.log.Info("drained", "files", len(s.led.files))
 	return nil
 }
 
 // leftover is the error of a drain that ran out of time.
 func (s *Syncer) leftover() error {
 	left := s.q.sorted()
+	for _, p := range s.led.pendingPaths() {
+		if !s.q.has(p) {
+			left = append(left, p)
+		}
+	}
 	msg := fmt.Sprintf("SYNC_SHUTDOWN_TIMEOUT (%s) passed with %d file(s) not uploaded", s.deps.DrainTimeout, len(left))
 	if len(left) > 0 {
 		shown := left[:min(len(left), 50)]
@@ -299,8 +333,8 @@ func (s *Syncer) leftover() error {
 			msg += fmt.Sprintf(" and %d more", len(left)-len(shown))
 		}
 	}
-	if s.snap.dirty {
-		msg += "; the final snapshot was not written"
+	if !s.led.idle() {
+		msg += "; uploads not yet in the change log are not acknowledged (a restore may miss them)"
 	}
 	return errors.New(msg)
 }
@@ -309,8 +343,8 @@ func (s *Syncer) leftover() error {
 func (s *Syncer) gone(rel string) {
 	// A known file is not also a directory: forget just it. Walking every key
 	// for each of the N files of an `rm -rf` would cost N² on a big tree.
-	tree := !s.snap.has(rel) && !s.q.has(rel)
-	s.snap.forgetTree(rel, tree)
+	tree := !s.led.has(rel) && !s.q.has(rel)
+	s.led.forgetTree(rel, tree)
 	s.q.forgetTree(rel, tree)
 }
 
@@ -328,7 +362,7 @@ func (s *Syncer) rescan(now time.Time, counted bool) error {
 	if err != nil {
 		return err
 	}
-	s.snap.keepOnly(seen)
+	s.led.keepOnly(seen)
 	s.q.keepOnly(seen)
 	return nil
 }
@@ -381,7 +415,10 @@ func (s *Syncer) dispatch(now time.Time) {
 
 // stat is the queue's view of a file under SYNC_DIR.
 func (s *Syncer) stat(rel string) (fileStat, error) {
-	fi, err := os.Lstat(absPath(s.cfg.Dir, rel))
+	fi, err := s.up.root.Lstat(rel)
+	if errors.Is(err, safefs.ErrLink) {
+		return fileStat{}, errNotRegular // a parent is a link now: not a file of the tree
+	}
 	if err != nil {
 		return fileStat{}, err
 	}
@@ -407,10 +444,20 @@ func (s *Syncer) onResult(r result, now time.Time) {
 	case outChanged:
 		s.m.uploads.WithLabelValues("changed").Inc()
 	case outUploaded:
-		s.m.uploads.WithLabelValues("ok").Inc()
-		s.m.bytes.WithLabelValues("ok").Add(float64(r.bytesSent))
-		s.snap.record(r.file)
-		s.log.Debug("uploaded", "path", r.rel, "size", r.file.Size, "pending", left)
+		if c := r.conflict; c != nil {
+			s.m.conflicts.Inc()
+			s.log.Warn(c.String(), "path", c.path, "winner", c.winner, "loser", c.loser, "kept_at", c.loserKey)
+			s.rec.Event(context.Background(), events.Warning, "UploadConflict", c.String())
+			if c.weLost {
+				// Another writer's newer version stays; ours is kept aside and
+				// not logged. Known as handled, so it is not sent again.
+				s.led.adopt(r.file)
+				return
+			}
+		}
+		// Counted and logged as uploaded when its batch is stored (ack).
+		s.led.record(r.file)
+		s.log.Debug("object written", "path", r.rel, "size", r.file.Size, "pending", left)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -48,6 +49,8 @@ func TestSyncer(t *testing.T) {
 					"mass-delete-guard":     testMassDeleteGuard,
 					"permanent-error":       testPermanentError,
 					"retention-delete":      testRetentionDelete,
+					"conflicts":             testConflicts,
+					"poll-shared":           testPollShared,
 				} {
 					t.Run(name, func(t *testing.T) {
 						t.Parallel()
@@ -415,15 +418,16 @@ func testRestartAfterRestore(t *testing.T, srv *peers.S3Server) {
 	writeFile(t, filepath.Join(dir2, ".podkeeper", "restored.json"), []byte(`{"snapshot":"`+m.ID+`"}`))
 
 	kc := newKeyCounter(t, srv.Endpoint)
-	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms"))
+	// SYNC_EXCLUSIVE: its lease write shows the counter sees the traffic.
+	r2 := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir2, "SYNC_SETTLE=100ms", "SYNC_EXCLUSIVE=true"))
 	if err := r2.shutdown(t); err != nil {
 		t.Fatal(err)
 	}
 	if w := kc.writes("data/"); len(w) != 0 {
 		t.Errorf("restart after restore uploaded data: %v", w)
 	}
-	if w := kc.writes("snapshots/"); len(w) != 0 {
-		t.Errorf("restart after restore wrote a snapshot although nothing changed: %v", w)
+	if w := append(kc.writes("snapshots/"), kc.writes("log/")...); len(w) != 0 {
+		t.Errorf("restart after restore wrote to the log or a snapshot although nothing changed: %v", w)
 	}
 	if len(kc.writes("lease.json")) == 0 {
 		t.Error("the counter saw no lease write: it does not see the syncer's traffic")
@@ -490,12 +494,15 @@ func testOverflowRescan(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
-// A second syncer on a prefix exits 1 naming the holder; a pod with the same
-// name takes the lease over after a SIGKILL; SIGTERM releases it.
+// SYNC_EXCLUSIVE=true: the lease is held by namespace, Pod name and UID. A
+// second Pod exits 1 naming the holder, so do the next Pod of the same name
+// and a Pod of the same name in another namespace; a restarted container of
+// the same Pod (same UID) takes its lease over; a clean shutdown releases it.
 func testLease(t *testing.T, srv *peers.S3Server) {
 	const prefix = "lease"
-	base := append(srv.AgentEnv(prefix), "SYNC_HTTP_ADDR=127.0.0.1:0", "SYNC_SETTLE=100ms")
-	a := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	base := append(srv.AgentEnv(prefix), "SYNC_HTTP_ADDR=127.0.0.1:0", "SYNC_SETTLE=100ms", "SYNC_EXCLUSIVE=true", "POD_NAMESPACE=prod")
+	podA := []string{"POD_NAME=pod-a", "POD_UID=uid-a"}
+	a := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), podA...))
 	a.waitLog(t, "msg=watching", 30*time.Second)
 	a.cmd.Process.Signal(syscall.SIGKILL)
 	a.wait(t, 10*time.Second)
@@ -503,16 +510,22 @@ func testLease(t *testing.T, srv *peers.S3Server) {
 		t.Fatal("no lease.json while pod-a held the prefix")
 	}
 
-	b := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-b"))
-	if code := b.wait(t, 30*time.Second); code != 1 {
-		t.Fatalf("second syncer: exit %d, want 1\n%s", code, b.output())
-	}
-	out := b.output()
-	if !strings.Contains(out, "pod-a") || !strings.Contains(out, "LeaseConflict") {
-		t.Errorf("second syncer's output does not name the holder pod-a or the LeaseConflict event:\n%s", out)
+	for _, other := range [][]string{
+		{"POD_NAME=pod-b", "POD_UID=uid-b"},
+		{"POD_NAME=pod-a", "POD_UID=uid-a2"},                         // the next Pod of that name
+		{"POD_NAME=pod-a", "POD_UID=uid-a", "POD_NAMESPACE=staging"}, // same name and UID, other namespace
+	} {
+		b := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), other...))
+		if code := b.wait(t, 30*time.Second); code != 1 {
+			t.Fatalf("%v: exit %d, want 1\n%s", other, code, b.output())
+		}
+		out := b.output()
+		if !strings.Contains(out, "prod/pod-a") || !strings.Contains(out, "LeaseConflict") {
+			t.Errorf("%v: output does not name the holder prod/pod-a or the LeaseConflict event:\n%s", other, out)
+		}
 	}
 
-	a2 := startBin(t, append(base, "SYNC_DIR="+t.TempDir(), "POD_NAME=pod-a"))
+	a2 := startBin(t, append(append(base, "SYNC_DIR="+t.TempDir()), podA...))
 	a2.waitLog(t, "msg=watching", 30*time.Second)
 	if !strings.Contains(a2.output(), "taking over lease") {
 		t.Errorf("pod-a did not say it took the lease over:\n%s", a2.output())
@@ -584,8 +597,9 @@ func testSIGTERMDrain(t *testing.T, srv *peers.S3Server) {
 	}
 }
 
-// A snapshot that would drop more than half of the files is held back, with
-// a metric and an event, until the state changes.
+// Deletions (SYNC_DELETE=true) that would remove more than half of the files
+// this writer had are held back, with a metric and an event, until the state
+// changes: the fold of the log keeps every file meanwhile.
 func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	const prefix = "guard"
 	dir := t.TempDir()
@@ -598,7 +612,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 		}
 		writeFile(t, filepath.Join(dir, rel), []byte(fmt.Sprintf("file %d", i)))
 	}
-	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_INTERVAL=200ms"))
+	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_DELETE=true"))
 	st := s3Store(t, srv, prefix)
 	snapWith := func(n int) error {
 		return peers.WaitFor(context.Background(), 30*time.Second, func() error {
@@ -628,7 +642,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 		t.Fatal(err)
 	}
 	if m, err := latestSnapshot(t, st); err != nil || len(m.Files) != 10 {
-		t.Fatalf("a snapshot dropping 8 of 10 files was written: %v %v", m, err)
+		t.Fatalf("deletions of 8 of 10 files reached the log: %v %v", m, err)
 	}
 	// Four come back: 6 of 10 present drops 4, within the guard.
 	for i := range 4 {
@@ -756,9 +770,10 @@ func testPermanentError(t *testing.T, srv *peers.S3Server) {
 	waitObject(t, srv, prefix, "secret.txt", []byte("refused"), time.Second)
 }
 
-// With SYNC_DELETE=true and SYNC_SNAPSHOT_RETAIN=1, a data object whose file
-// is gone and that no retained snapshot lists is deleted; without it, it
-// stays.
+// Compaction under its lease: with SYNC_SNAPSHOT_RETAIN=1 one checkpoint is
+// left and the batches it folds are deleted; with SYNC_DELETE=true the data
+// object of a deleted file (a tombstone older than the margin, in no kept
+// checkpoint) is deleted; without it, it stays and the file stays restorable.
 func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 	for _, del := range []bool{true, false} {
 		prefix := fmt.Sprintf("retain-%v", del)
@@ -768,45 +783,39 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		}
 		cfg := testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms", "SYNC_SNAPSHOT_RETAIN=1",
 			"SYNC_SNAPSHOT_INTERVAL=200ms", fmt.Sprintf("SYNC_DELETE=%v", del))
-		r := startSyncer(t, cfg)
+		const margin = 2 * time.Second
+		r := startSyncer(t, cfg, func(s *Syncer) { s.comp.margin = margin })
 		st := s3Store(t, srv, prefix)
-		waitSnap := func(n int) {
-			t.Helper()
-			if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
-				m, err := latestSnapshot(t, st)
-				if err != nil || len(m.Files) != n {
-					return fmt.Errorf("latest snapshot: %v %v", m, err)
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
-		}
+		waitSnap := func(n int) { t.Helper(); waitState(t, st, n) }
 		waitSnap(4)
-		// Retention leaves objects about as new as the snapshot alone (they may
-		// be uploads the snapshot does not know yet): let the clock move on.
-		uploaded := time.Now()
-		if err := peers.WaitFor(context.Background(), 10*time.Second, func() error {
-			if time.Since(uploaded) < 3*time.Second {
-				return fmt.Errorf("objects still recent")
+		os.Remove(filepath.Join(dir, "f0.txt"))
+		want := 4 // union: without SYNC_DELETE a removed file stays restorable
+		if del {
+			want = 3
+		}
+		waitSnap(want)
+		time.Sleep(time.Second) // the deletion is in a batch (or not) by now
+		// A checkpoint folds the log once its batches are older than the margin.
+		if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+			all, err := snapshot.List(context.Background(), st)
+			if err != nil || len(all) != 1 {
+				return fmt.Errorf("checkpoints: %v %v", all, err)
+			}
+			if batches, err := changelog.List(context.Background(), st, time.Time{}); err != nil || len(batches) != 0 {
+				return fmt.Errorf("batches left: %v %v", batches, err)
+			}
+			if del && objectExists(srv, prefix+"/data/f0.txt") {
+				return fmt.Errorf("data/f0.txt still there")
 			}
 			return nil
 		}); err != nil {
-			t.Fatal(err)
+			t.Fatalf("SYNC_DELETE=%v: %v", del, err)
 		}
-		os.Remove(filepath.Join(dir, "f0.txt"))
-		waitSnap(3)
 		if err := r.shutdown(t); err != nil {
 			t.Fatal(err)
 		}
-		all, err := snapshot.List(context.Background(), st)
-		if err != nil || len(all) != 1 {
-			t.Errorf("SYNC_SNAPSHOT_RETAIN=1 left %d snapshots (%v)", len(all), err)
-		}
-		// Deletion happens in the retention after the snapshot that dropped f0;
-		// the object is older than that snapshot by construction.
-		if del && objectExists(srv, prefix+"/data/f0.txt") {
-			t.Error("SYNC_DELETE=true left data/f0.txt, which is gone locally and in no retained snapshot")
+		if objectExists(srv, prefix+"/"+CompactionKey) {
+			t.Error("compaction lease left behind")
 		}
 		if !objectExists(srv, prefix+"/data/f1.txt") {
 			t.Errorf("SYNC_DELETE=%v deleted a file that is still present", del)
@@ -814,5 +823,166 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		if !del && !objectExists(srv, prefix+"/data/f0.txt") {
 			t.Error("SYNC_DELETE=false deleted a data object")
 		}
+		waitSnap(want)
+	}
+}
+
+// Two syncers, one prefix, the same paths. Identical content is uploaded
+// once and is no conflict. Different content is a conflict decided by the
+// rule (the newer mtime wins) whichever writer comes first; the loser's
+// bytes are kept under conflicts/, with a metric and an UploadConflict event
+// on the writer that saw it; the fold names the winner's version, which is
+// what data/PATH holds.
+func testConflicts(t *testing.T, srv *peers.S3Server) {
+	const prefix = "conflicts"
+	kc := newKeyCounter(t, srv.Endpoint)
+	dirA, dirB := t.TempDir(), t.TempDir()
+	a := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirA, "SYNC_SETTLE=100ms", "POD_NAME=writer-a", "POD_UID=a"))
+	b := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirB, "SYNC_SETTLE=100ms", "POD_NAME=writer-b", "POD_UID=b"))
+	old, newer := time.Now().Add(-time.Hour).Truncate(time.Second), time.Now().Truncate(time.Second)
+	put := func(dir, rel, content string, mtime time.Time) {
+		t.Helper()
+		p := filepath.Join(dir, rel)
+		writeFile(t, p, []byte(content))
+		if err := os.Chtimes(p, mtime, mtime); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// same.txt: identical bytes from both.
+	put(dirA, "same.txt", "identical", old)
+	waitObject(t, srv, prefix, "same.txt", []byte("identical"), 20*time.Second)
+	put(dirB, "same.txt", "identical", newer)
+	// c.txt: A first with the older mtime, then B with the newer: B wins.
+	put(dirA, "c.txt", "c from A", old)
+	waitObject(t, srv, prefix, "c.txt", []byte("c from A"), 20*time.Second)
+	put(dirB, "c.txt", "c from B", newer)
+	// d.txt: B first with the newer mtime, then A with the older: B stays.
+	put(dirB, "d.txt", "d from B", newer)
+	waitObject(t, srv, prefix, "d.txt", []byte("d from B"), 20*time.Second)
+	put(dirA, "d.txt", "d from A", old)
+
+	// e.txt: A writes, removes and recreates it: an update of its own
+	// object, no conflict.
+	put(dirA, "e.txt", "e first", old)
+	waitObject(t, srv, prefix, "e.txt", []byte("e first"), 20*time.Second)
+	time.Sleep(1500 * time.Millisecond) // acknowledged (SYNC_LOG_INTERVAL=1s)
+	os.Remove(filepath.Join(dirA, "e.txt"))
+	time.Sleep(300 * time.Millisecond)
+	put(dirA, "e.txt", "e second", newer)
+	waitObject(t, srv, prefix, "e.txt", []byte("e second"), 20*time.Second)
+
+	waitObject(t, srv, prefix, "c.txt", []byte("c from B"), 20*time.Second)
+	shaA := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
+	for _, k := range []string{ConflictKey("c.txt", shaA("c from A")), ConflictKey("d.txt", shaA("d from A"))} {
+		if err := peers.WaitFor(context.Background(), 20*time.Second, func() error {
+			if !objectExists(srv, prefix+"/"+k) {
+				return fmt.Errorf("no %s", k)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.shutdown(t); err != nil {
+		t.Fatal(err)
+	}
+	checkConflictOutcome(t, srv, prefix, kc, a, b)
+}
+
+// checkConflictOutcome: winners in data/, losers under conflicts/, the
+// fold naming the winners, identical content written once, and each side
+// reporting its conflict.
+func checkConflictOutcome(t *testing.T, srv *peers.S3Server, prefix string, kc *keyCounter, a, b *running) {
+	t.Helper()
+	shaA := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
+	for k, want := range map[string]string{"data/c.txt": "c from B", "data/d.txt": "d from B",
+		ConflictKey("c.txt", shaA("c from A")): "c from A", ConflictKey("d.txt", shaA("d from A")): "d from A"} {
+		got, meta, err := getObject(context.Background(), srv, prefix+"/"+k)
+		if err != nil || string(got) != want {
+			t.Errorf("%s: %q %v, want %q", k, got, err, want)
+		}
+		if meta[MetaWriter] == "" {
+			t.Errorf("%s has no writer metadata: %v", k, meta)
+		}
+	}
+	if n := kc.okWrites(http.MethodPut, prefix+"/data/same.txt"); n != 1 {
+		t.Errorf("identical content written %d times, want once", n)
+	}
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range m.Files {
+		if want := map[string]string{"c.txt": "c from B", "d.txt": "d from B", "same.txt": "identical", "e.txt": "e second"}[f.Path]; f.SHA256 != shaA(want) {
+			t.Errorf("the fold's %s is not the winner's version %q", f.Path, want)
+		}
+	}
+	ca, cb := gaugeValue(a.s.health, "podkeeper_syncer_conflicts_total"), gaugeValue(b.s.health, "podkeeper_syncer_conflicts_total")
+	if ca != 1 || cb != 1 || !a.rec.has("UploadConflict") || !b.rec.has("UploadConflict") {
+		t.Errorf("conflicts: A %v (event %v), B %v (event %v); want 1 each (A lost d.txt, B won c.txt)", ca, a.rec.has("UploadConflict"), cb, b.rec.has("UploadConflict"))
+	}
+}
+
+// Two syncers in poll mode on one directory (a shared volume): every file
+// is written to the store once in total, counted at the server as
+// successful PUTs, also after a rewrite; the restore state has them all.
+func testPollShared(t *testing.T, srv *peers.S3Server) {
+	const prefix = "poll"
+	kc := newKeyCounter(t, srv.Endpoint)
+	dir := t.TempDir()
+	var rs []*running
+	for _, pod := range []string{"nfs-a", "nfs-b"} {
+		rs = append(rs, startSyncer(t, testConfig(t, srv, kc.URL, prefix, dir, "SYNC_WATCH=poll", "SYNC_POLL_INTERVAL=200ms",
+			"SYNC_SETTLE=300ms", "POD_NAME="+pod, "POD_UID="+pod)))
+	}
+	const n = 40
+	for i := range n {
+		writeFile(t, filepath.Join(dir, fmt.Sprintf("p/%02d.txt", i)), []byte(fmt.Sprintf("polled %d", i)))
+	}
+	for i := range n {
+		waitObject(t, srv, prefix, fmt.Sprintf("p/%02d.txt", i), []byte(fmt.Sprintf("polled %d", i)), 30*time.Second)
+	}
+	time.Sleep(time.Second) // both walkers have seen everything by now
+	writeFile(t, filepath.Join(dir, "p/00.txt"), []byte("rewritten"))
+	waitObject(t, srv, prefix, "p/00.txt", []byte("rewritten"), 30*time.Second)
+	time.Sleep(time.Second)
+	for _, r := range rs {
+		if err := r.shutdown(t); err != nil {
+			t.Fatal(err)
+		}
+		if r.s.polling != true {
+			t.Error("SYNC_WATCH=poll did not poll")
+		}
+	}
+	total := 0
+	for i := range n {
+		c := kc.okWrites(http.MethodPut, fmt.Sprintf("%s/data/p/%02d.txt", prefix, i))
+		total += c
+		if want := map[bool]int{true: 2, false: 1}[i == 0]; c != want {
+			t.Errorf("p/%02d.txt written %d times, want %d", i, c, want)
+		}
+	}
+	t.Logf("2 pollers, %d files + 1 rewrite: %d successful data PUTs at the server", n, total)
+	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
+	if err != nil || len(m.Files) != n {
+		t.Fatalf("state: %v %v", m, err)
+	}
+}
+
+// waitState waits until the fold of the log (what a restore of latest
+// gives) lists n files.
+func waitState(t *testing.T, st store.Store, n int) {
+	t.Helper()
+	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		m, err := latestSnapshot(t, st)
+		if err != nil || len(m.Files) != n {
+			return fmt.Errorf("latest state: %v %v", m, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

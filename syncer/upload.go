@@ -15,11 +15,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/events"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -40,8 +40,9 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b 
 // uploader is what the workers share: it reads files under SYNC_DIR and
 // writes them to the store, and keeps the multipart journals.
 type uploader struct {
-	dir     string
-	journal string // multipart journal directory
+	writer  string       // namespace/pod/uid, in every object's metadata
+	root    *safefs.Root // SYNC_DIR: files are opened below it, never through a link
+	journal string       // multipart journal directory
 	st      store.Store
 	mp      store.Multiparter // nil: the store has no resumable uploads
 	log     *slog.Logger
@@ -54,7 +55,7 @@ type uploader struct {
 
 func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
 	for j := range jobs {
-		r := u.upload(ctx, j.rel)
+		r := u.upload(ctx, j)
 		r.gen = j.gen
 		results <- r
 	}
@@ -64,11 +65,14 @@ func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- res
 // metadata), then streamed from disk; its stat is compared before and after,
 // so content that changed meanwhile is reported as changed and uploaded again
 // rather than recorded.
-func (u *uploader) upload(ctx context.Context, rel string) result {
+func (u *uploader) upload(ctx context.Context, j job) result {
+	rel := j.rel
 	r := result{rel: rel}
-	f, err := os.OpenFile(absPath(u.dir, rel), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	// A link anywhere on the path (a parent directory swapped for one
+	// between the check and the open included) is never followed.
+	f, err := u.root.Open(rel)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ELOOP) {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, safefs.ErrLink) || errors.Is(err, safefs.ErrNotRegular) {
 			r.gone = true
 			return r
 		}
@@ -81,11 +85,7 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 		r.err = err
 		return r
 	}
-	if !fi.Mode().IsRegular() {
-		r.gone = true
-		return r
-	}
-	st := statOf(fi)
+	st := statOf(fi) // a regular file: Root.Open refuses anything else
 	r.stat = st
 	h := sha256.New()
 	buf := copyBufs.Get().(*[]byte)
@@ -103,13 +103,14 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 		return r
 	}
 	file := snapshot.File{Path: rel, Size: st.size, SHA256: hex.EncodeToString(h.Sum(nil)), MTime: st.mtime, Mode: snapshot.Mode(st.mode)}
-	info, err := u.send(ctx, f, file)
+	info, c, err := u.send(ctx, f, file, j.seen)
 	if err != nil {
 		r.err = err
 		return r
 	}
+	r.conflict = c
 	r.bytesSent = st.size
-	after, err := os.Lstat(absPath(u.dir, rel))
+	after, err := u.root.Lstat(rel)
 	switch {
 	case err != nil:
 		r.gone = true
@@ -123,9 +124,12 @@ func (u *uploader) upload(ctx context.Context, rel string) result {
 	return r
 }
 
-// send writes the object of file from f, retrying through outages.
-func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (store.ObjectInfo, error) {
+// send writes the object of file from f, retrying through outages. The
+// write is conditional on the object this writer saw (sn): a new path only
+// if absent, a known one only if unchanged; otherwise resolve decides.
+func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn seen) (store.ObjectInfo, *conflict, error) {
 	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
+	opts.Metadata[MetaWriter] = u.writer
 	var info store.ObjectInfo
 	counted := false
 	defer func() {
@@ -133,6 +137,7 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (st
 			u.retrying.Add(-1)
 		}
 	}()
+	var c *conflict
 	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		u.m.retries.Inc()
 		if !counted {
@@ -147,14 +152,39 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File) (st
 		}
 	}, func(ctx context.Context) error {
 		var err error
-		if u.mp != nil && file.Size >= multipartThreshold {
-			info, err = u.multipart(ctx, f, file, opts)
-		} else {
-			info, err = u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, opts)
-		}
+		info, c, err = u.sendOnce(ctx, f, file, sn, opts)
 		return err
 	})
-	return info, err
+	return info, c, err
+}
+
+func (u *uploader) sendOnce(ctx context.Context, f *os.File, file snapshot.File, sn seen, opts store.PutOptions) (store.ObjectInfo, *conflict, error) {
+	if u.mp != nil && file.Size >= multipartThreshold {
+		// A multipart upload cannot be conditional: look first (a writer
+		// racing between the look and the completion is not detected).
+		put := func(ctx context.Context, _ store.PutOptions) (store.ObjectInfo, error) {
+			return u.multipart(ctx, f, file, opts)
+		}
+		cur, err := u.st.Head(ctx, snapshot.DataKey(file.Path), store.HeadOptions{})
+		switch {
+		case errors.Is(err, store.ErrNotExist) || (err == nil && sn.etag != "" && cur.ETag == sn.etag):
+			info, err := put(ctx, store.PutOptions{})
+			return info, nil, err
+		case err != nil:
+			return store.ObjectInfo{}, nil, err
+		}
+		return u.resolve(ctx, f, file, sn, opts, put)
+	}
+	put := func(ctx context.Context, cond store.PutOptions) (store.ObjectInfo, error) {
+		o := opts
+		o.IfMatch, o.IfNoneMatch = cond.IfMatch, cond.IfNoneMatch
+		return u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, o)
+	}
+	info, err := put(ctx, store.PutOptions{IfNoneMatch: sn.etag == "", IfMatch: sn.etag})
+	if errors.Is(err, store.ErrPrecondition) {
+		return u.resolve(ctx, f, file, sn, opts, put)
+	}
+	return info, nil, err
 }
 
 // multipart uploads a large file resumably: the journal in the state dir
@@ -215,7 +245,7 @@ func (u *uploader) abortStale(ctx context.Context) error {
 			continue
 		}
 		rel := strings.TrimPrefix(j.Key, snapshot.DataDir)
-		if _, err := os.Lstat(absPath(u.dir, rel)); err != nil {
+		if _, err := u.root.Lstat(rel); err != nil {
 			// Abort by the journal's own id: listing cannot be relied on to
 			// find it (MinIO lists multipart uploads only by exact key).
 			u.log.Info("aborting multipart upload of a file that is gone", "key", j.Key)

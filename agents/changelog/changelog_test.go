@@ -165,7 +165,7 @@ func TestFoldOnStores(t *testing.T) {
 			t.Fatalf("state at +2s: %s %+v", got, at2.Files)
 		}
 		// A checkpoint at +2s (now = +2s + Margin), then later changes.
-		if _, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), snapshot.Writer{Pod: "files-0"}); err != nil {
+		if _, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), 0, snapshot.Writer{Pod: "files-0"}); err != nil {
 			t.Fatal(err)
 		}
 		appendB(wb, base.Add(5*time.Second), write("c.txt", base.Add(5*time.Second), "3"))
@@ -180,6 +180,21 @@ func TestFoldOnStores(t *testing.T) {
 		if err != nil || paths(again) != "a.txt b.txt shared" {
 			t.Fatalf("point in time after the checkpoint: %s %v", paths(again), err)
 		}
+		// Nothing new up to the horizon: not due, and no second checkpoint.
+		if due, err := CheckpointDue(ctx, st, base.Add(2*time.Second+Margin), 0); err != nil || due {
+			t.Fatalf("checkpoint due without new batches: %v %v", due, err)
+		}
+		if due, err := CheckpointDue(ctx, st, base.Add(5*time.Second+Margin), 0); err != nil || !due {
+			t.Fatalf("checkpoint not due with c.txt's batch past the horizon: %v %v", due, err)
+		}
+		if id, err := Checkpoint(ctx, st, base.Add(2*time.Second+Margin), 0, snapshot.Writer{Pod: "files-0"}); err != nil || id != "" {
+			t.Fatalf("checkpoint without new batches: %q %v", id, err)
+		}
+		// A writer whose clock runs an hour ahead: "latest" still has its change.
+		appendB(wa, time.Now().Add(time.Hour), write("ahead.txt", base.Add(6*time.Second), "4"))
+		if latest, err := Fold(ctx, st, time.Time{}); err != nil || paths(latest) != "ahead.txt b.txt c.txt shared" {
+			t.Fatalf("latest with a writer ahead: %v %v", latest, err)
+		}
 	})
 }
 
@@ -189,4 +204,19 @@ func paths(m *snapshot.Manifest) string {
 		p = append(p, f.Path)
 	}
 	return strings.Join(p, " ")
+}
+
+// One writer's file where another has a directory: the manifest keeps the
+// directory's files (a manifest cannot hold both) and stays valid.
+func TestFileDirClash(t *testing.T) {
+	s := State{}
+	s.Apply(&Batch{Writer: wa, Time: base, Changes: []Change{write("a", base.Add(time.Hour), "1"), write("a-x", base, "2")}})
+	s.Apply(&Batch{Writer: wb, Time: base, Changes: []Change{write("a/b/c", base, "3"), write("d/e", base, "4")}})
+	m := s.Manifest(base, snapshot.Writer{Pod: "p"})
+	if got := paths(m); got != "a-x a/b/c d/e" {
+		t.Fatalf("fold of a file/dir clash: %s", got)
+	}
+	if err := m.Validate(); err != nil {
+		t.Fatal(err)
+	}
 }

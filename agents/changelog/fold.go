@@ -14,6 +14,10 @@ type Entry struct {
 	Writer string // Writer.ID()
 }
 
+// Beats reports whether e wins over o by the rule (what the fold keeps, and
+// how a syncer decides a write conflict).
+func (e Entry) Beats(o Entry) bool { return e.beats(o) }
+
 // beats is the rule: the newer mtime wins; at equal mtimes the greater writer
 // id; at equal writers a deletion beats a write (a writer that wrote and
 // removed a file within one clock tick removed it last).
@@ -54,11 +58,29 @@ func (s State) Apply(b *Batch) {
 	}
 }
 
-// Files lists the live files (tombstones left out) in path order.
+// Files lists the live files (tombstones left out) in path order. Two
+// writers can leave a file where another has a directory ("a" and "a/b"); a
+// manifest cannot hold both, so the directory wins and the file is left out
+// of the fold (its batch and object stay, and its writer uploads it again if
+// it still has it).
 func (s State) Files() []snapshot.File {
+	dirs := map[string]bool{}
+	for p, e := range s {
+		if e.Deleted {
+			continue
+		}
+		for i := len(p) - 1; i > 0; i-- {
+			if p[i] == '/' {
+				if dirs[p[:i]] {
+					break // its parents are in already
+				}
+				dirs[p[:i]] = true
+			}
+		}
+	}
 	out := make([]snapshot.File, 0, len(s))
-	for _, e := range s {
-		if !e.Deleted {
+	for p, e := range s {
+		if !e.Deleted && !dirs[p] {
 			out = append(out, e.File)
 		}
 	}

@@ -16,25 +16,65 @@ import (
 // at 20 ms per GET would otherwise cost seconds.
 const loadConcurrency = 16
 
-// Fold returns the state of the prefix at instant at (zero: now) as a
-// manifest: the newest checkpoint created at or before at, and every batch
-// stamped after it and not after at. A prefix without any checkpoint starts
-// from nothing (a v1 prefix always has one: its last snapshot).
+// Fold returns the state of the prefix at instant at as a manifest: the
+// newest checkpoint created at or before at, and every batch stamped after it
+// and not after at. A zero at is "latest": the newest checkpoint and every
+// batch after it, whatever its stamp (a writer whose clock runs ahead must not
+// hide an acknowledged upload from a restore that starts now). A prefix
+// without any checkpoint starts from nothing (a v1 prefix always has one: its
+// last snapshot). ErrEmpty: neither a checkpoint nor a batch.
 func Fold(ctx context.Context, st store.Store, at time.Time) (*snapshot.Manifest, error) {
-	if at.IsZero() {
-		at = time.Now()
-	}
-	state, from, w, err := checkpointAt(ctx, st, at)
+	f, err := FoldState(ctx, st, at)
 	if err != nil {
 		return nil, err
 	}
-	infos, err := List(ctx, st, from)
+	if f.Checkpoint == "" && f.Batches == 0 {
+		return nil, ErrEmpty
+	}
+	if f.Batches == 0 {
+		// Nothing after the checkpoint: it is the state, under its own id (a
+		// prefix of the single-writer release restores exactly as before).
+		return f.Base, nil
+	}
+	t := at
+	if t.IsZero() {
+		t = f.Newest // the same state has the same id
+	}
+	return f.State.Manifest(t, f.Writer), nil
+}
+
+// ErrEmpty is Fold's answer for a prefix without checkpoints or batches (at
+// or before the instant asked for).
+var ErrEmpty = fmt.Errorf("%w: no checkpoint and no change log", snapshot.ErrNoSnapshot)
+
+// Folded is a fold with its provenance.
+type Folded struct {
+	State      State
+	Checkpoint string    // id of the checkpoint it started from ("" none)
+	From       time.Time // that checkpoint's creation time
+	Writer     snapshot.Writer
+	Base       *snapshot.Manifest // that checkpoint, when no batch came after it
+	Batches    int                // batches applied
+	Newest     time.Time          // stamp of the newest batch applied
+}
+
+// FoldState is Fold with tombstones kept and the provenance returned.
+func FoldState(ctx context.Context, st store.Store, at time.Time) (*Folded, error) {
+	cpAt := at
+	if cpAt.IsZero() {
+		cpAt = time.Now().Add(100 * 365 * 24 * time.Hour)
+	}
+	f, err := checkpointAt(ctx, st, cpAt)
+	if err != nil {
+		return nil, err
+	}
+	infos, err := List(ctx, st, f.From)
 	if err != nil {
 		return nil, err
 	}
 	var tail []Info
 	for _, info := range infos {
-		if !info.Time.After(at) {
+		if at.IsZero() || !info.Time.After(at) {
 			tail = append(tail, info)
 		}
 	}
@@ -43,24 +83,31 @@ func Fold(ctx context.Context, st store.Store, at time.Time) (*snapshot.Manifest
 		return nil, err
 	}
 	for _, b := range batches {
-		state.Apply(b)
+		f.State.Apply(b)
+		f.Batches++
+		if b.Time.After(f.Newest) {
+			f.Newest = b.Time
+		}
 	}
-	return state.Manifest(at, w), nil
+	if f.Batches > 0 {
+		f.Base = nil // the state has it all: a large checkpoint is not held twice
+	}
+	return f, nil
 }
 
-func checkpointAt(ctx context.Context, st store.Store, at time.Time) (State, time.Time, snapshot.Writer, error) {
+func checkpointAt(ctx context.Context, st store.Store, at time.Time) (*Folded, error) {
 	info, err := snapshot.Resolve(ctx, st, at.UTC().Format(time.RFC3339Nano))
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
-		return State{}, time.Time{}, snapshot.Writer{}, nil
+		return &Folded{State: State{}}, nil
 	}
 	if err != nil {
-		return nil, time.Time{}, snapshot.Writer{}, err
+		return nil, err
 	}
 	m, err := snapshot.Load(ctx, st, info)
 	if err != nil {
-		return nil, time.Time{}, snapshot.Writer{}, fmt.Errorf("checkpoint: %w", err)
+		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
-	return FromManifest(m), m.Created, m.Writer, nil
+	return &Folded{State: FromManifest(m), Checkpoint: m.ID, From: m.Created, Writer: m.Writer, Base: m}, nil
 }
 
 func loadAll(ctx context.Context, st store.Store, infos []Info) ([]*Batch, error) {
@@ -77,17 +124,49 @@ func loadAll(ctx context.Context, st store.Store, infos []Info) ([]*Batch, error
 	return out, g.Wait()
 }
 
-// Checkpoint folds everything stamped at or before now - Margin (every batch
-// of that age has landed) into a snapshot and returns its id. Only one writer
-// at a time should call it (the compaction lease), but two racing produce
-// the same content under different ids, never a wrong one.
-func Checkpoint(ctx context.Context, st store.Store, now time.Time, w snapshot.Writer) (string, error) {
-	horizon := now.Add(-Margin).UTC()
-	m, err := Fold(ctx, st, horizon)
+// CheckpointDue reports, with two listings and no download, whether a batch
+// stamped at or before now - margin arrived since the newest checkpoint: the
+// compactors of every writer ask it each interval, and only then take the
+// compaction lease.
+func CheckpointDue(ctx context.Context, st store.Store, now time.Time, margin time.Duration) (bool, error) {
+	if margin <= 0 {
+		margin = Margin
+	}
+	horizon := now.Add(-margin).UTC()
+	var from time.Time
+	info, err := snapshot.Resolve(ctx, st, horizon.Format(time.RFC3339Nano))
+	switch {
+	case err == nil:
+		from = info.Created
+	case !errors.Is(err, snapshot.ErrNoSnapshot):
+		return false, err
+	}
+	infos, err := List(ctx, st, from)
+	if err != nil {
+		return false, err
+	}
+	return len(infos) > 0 && !infos[0].Time.After(horizon), nil
+}
+
+// Checkpoint folds everything stamped at or before now - margin (every
+// batch of that age has landed; margin 0 means Margin) into a snapshot and
+// returns its id, or "" when no batch arrived since the newest checkpoint
+// (nothing to fold). Only one writer at a time should call it (the compaction
+// lease), but two racing produce the same content under different ids, never
+// a wrong one.
+func Checkpoint(ctx context.Context, st store.Store, now time.Time, margin time.Duration, w snapshot.Writer) (string, error) {
+	if margin <= 0 {
+		margin = Margin
+	}
+	horizon := now.Add(-margin).UTC()
+	f, err := FoldState(ctx, st, horizon)
 	if err != nil {
 		return "", err
 	}
-	m.Writer = w
+	if f.Batches == 0 {
+		return "", nil
+	}
+	m := f.State.Manifest(horizon, w)
 	if _, err := snapshot.Write(ctx, st, m); err != nil && !errors.Is(err, store.ErrPrecondition) {
 		// ErrPrecondition: a racing compactor wrote this horizon already, and
 		// the fold of the same batches is the same content.
