@@ -73,7 +73,11 @@ func (u *uploader) resolve(ctx context.Context, f *os.File, file snapshot.File, 
 			return cur, nil, nil // the same bytes: uploaded once
 		}
 		var c *conflict
-		if theirSHA != sn.sha || sn.sha == "" {
+		// Our own earlier version (an upload whose outcome this writer did not
+		// keep, e.g. the file changed while it went up) is an update: one
+		// writer's versions follow each other and never conflict.
+		own := cur.Metadata[MetaWriter] == u.writer
+		if !own && (theirSHA != sn.sha || sn.sha == "") {
 			theirs := changelog.Entry{Writer: cur.Metadata[MetaWriter]}
 			theirs.MTime, _ = time.Parse(time.RFC3339Nano, cur.Metadata[snapshot.MetaMTime])
 			ours := changelog.Entry{Change: changelog.Change{File: file}, Writer: u.writer}

@@ -77,7 +77,7 @@ func (p *syncProc) waitLog(t *testing.T, substr string, timeout time.Duration) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no %q within %s:\n%s", substr, timeout, p.log.String())
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(10 * time.Millisecond) // String copies the whole log: not every millisecond
 	}
 }
 
@@ -115,13 +115,30 @@ func readTree(t *testing.T, dir string) map[string]string {
 	return out
 }
 
+// writeAt puts a file into place the way a careful app does: written next
+// to SYNC_DIR and renamed in, so no syncer can catch it half written (a
+// half-written version with a newer mtime than another writer's would be a
+// genuine, but here unwanted, extra conflict).
 func writeAt(t *testing.T, dir, rel, content string) {
 	t.Helper()
 	p := filepath.Join(dir, filepath.FromSlash(rel))
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+	tmp, err := os.CreateTemp(filepath.Dir(dir), ".stage-*")
+	if err == nil {
+		_, err = tmp.WriteString(content)
+		if cerr := tmp.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = os.Chmod(tmp.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), p)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 }
@@ -149,7 +166,9 @@ func testThreeWriters(t *testing.T, srv *peers.S3Server, bin string) {
 	for w := range 3 {
 		dir := t.TempDir()
 		dirs = append(dirs, dir)
-		procs = append(procs, startSyncerBin(t, bin, append(storeEnv, "SYNC_DIR="+dir, "SYNC_SETTLE=50ms",
+		// SIGTERM comes right after the last write: the drain uploads what is
+		// left, which on a loaded 2-core CI machine can take longer than 25 s.
+		procs = append(procs, startSyncerBin(t, bin, append(storeEnv, "SYNC_DIR="+dir, "SYNC_SETTLE=50ms", "SYNC_SHUTDOWN_TIMEOUT=100s",
 			fmt.Sprintf("POD_NAME=files-%d", w), "POD_NAMESPACE=fleet", fmt.Sprintf("POD_UID=uid-%d", w))...))
 	}
 	for _, p := range procs {
@@ -306,7 +325,7 @@ func testKillAfterAck(t *testing.T, srv *peers.S3Server, bin string) {
 		p.waitLog(t, "msg=watching", 30*time.Second)
 		rel := fmt.Sprintf("k/%03d.txt", i)
 		writeAt(t, dir, rel, fmt.Sprintf("acknowledged %d", i))
-		p.waitLog(t, "msg=uploaded agent=syncer path="+rel+" ", 30*time.Second)
+		p.waitLog(t, "msg=uploaded agent=syncer path="+rel+" ", 90*time.Second)
 		acked := time.Now()
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		ackToKill += time.Since(acked)

@@ -180,12 +180,13 @@ func TestCredentialsNeverPrinted(t *testing.T) {
 	}
 	client := s3Client(endpoint)
 	err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
-		out, err := client.ListObjectsV2(context.Background(), &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String("red/snapshots/")})
+		// A change-log batch is the syncer's acknowledgement: restore sees the files.
+		out, err := client.ListObjectsV2(context.Background(), &s3.ListObjectsV2Input{Bucket: aws.String(bucket), Prefix: aws.String("red/log/")})
 		if err != nil {
 			return err
 		}
 		if len(out.Contents) == 0 {
-			return errors.New("no snapshot yet")
+			return errors.New("no change-log batch yet")
 		}
 		return nil
 	})
@@ -196,7 +197,16 @@ func TestCredentialsNeverPrinted(t *testing.T) {
 	for i := range 3 {
 		must(t, os.WriteFile(filepath.Join(up, fmt.Sprintf("late%d.bin", i)), []byte("late"), 0o644))
 	}
-	time.Sleep(4 * time.Second)
+	// The error paths must have printed before the output is searched.
+	err = peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		if !strings.Contains(sy.out.String(), "retrying") {
+			return errors.New("no retry logged yet")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, sy.out.String())
+	}
 	h.term(sy, 30*time.Second, 1)
 
 	// 2. restore: a full run with S3 up, then one during an outage.
