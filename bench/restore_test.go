@@ -72,7 +72,8 @@ func (r *restoreRow) median() restoreSample {
 
 func TestBenchRestore(t *testing.T) {
 	srv := peers.StartS3(t, benchS3())
-	bin := restoreBuild(t)
+	bin := agentBin(t, "restore")
+	base := baselineBin(t, "restore")
 	c := srv.Client()
 
 	t.Log("uploading 5000 x 4 KiB ...")
@@ -116,6 +117,11 @@ func TestBenchRestore(t *testing.T) {
 	rRestore := add(smallCase, "restore (binary, syncfs)", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
 		return restoreRunBin(t, bin, srv, "small", dir)
 	})
+	if base != "" {
+		add(smallCase, "restore, baseline binary (BENCH_BASELINE_BIN_DIR)", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
+			return restoreRunBin(t, base, srv, "small", dir)
+		})
+	}
 	add(smallCase, "restore in-process, syncfs", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
 		return restoreRunInProcess(t, srv, "small", dir, restore.SyncFS)
 	})
@@ -131,6 +137,11 @@ func TestBenchRestore(t *testing.T) {
 	lRestore := add(largeCase, "restore (binary, syncfs)", 1, restoreLargeSize, func(dir string) restoreSample {
 		return restoreRunBin(t, bin, srv, "large", dir)
 	})
+	if base != "" {
+		add(largeCase, "restore, baseline binary (BENCH_BASELINE_BIN_DIR)", 1, restoreLargeSize, func(dir string) restoreSample {
+			return restoreRunBin(t, base, srv, "large", dir)
+		})
+	}
 	// What verification costs: the same run without the sha256 pass (the raw
 	// SDK rows hash nothing).
 	add(largeCase, "restore, RESTORE_VERIFY=false", 1, restoreLargeSize, func(dir string) restoreSample {
@@ -187,18 +198,6 @@ func TestBenchRestore(t *testing.T) {
 	fmt.Fprintf(&out, "1 GiB: restore throughput / raw SDK throughput = %.2f (target >= 0.90: %s)\n", largeTP, verdict(largeTP >= 0.9))
 	fmt.Print(out.String())
 	t.Log(out.String())
-}
-
-func restoreBuild(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "restore")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./cmd/restore")
-	cmd.Dir = peers.Root()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build restore: %v\n%s", err, out)
-	}
-	return bin
 }
 
 func restoreEntry(p string, data []byte) snapshot.File {
