@@ -344,6 +344,11 @@ func restoreCount(t *testing.T, dir string) int {
 // restoreRawSmall lists the prefix and GETs every object, 16 at a time,
 // into files: the floor a client can reach over this server.
 func restoreRawSmall(t *testing.T, c *s3.Client, prefix, dir string) restoreSample {
+	return restoreRawSmallN(t, c, prefix, dir, 16)
+}
+
+// restoreRawSmallN is restoreRawSmall with conc GETs at a time.
+func restoreRawSmallN(t *testing.T, c *s3.Client, prefix, dir string, conc int) restoreSample {
 	t.Helper()
 	ctx := context.Background()
 	start := time.Now()
@@ -360,7 +365,7 @@ func restoreRawSmall(t *testing.T, c *s3.Client, prefix, dir string) restoreSamp
 	}
 	work := make(chan string)
 	var wg sync.WaitGroup
-	for range 16 {
+	for range conc {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -229,8 +229,14 @@ func (p *syncerProc) stop(t *testing.T) {
 // n uploads are done (process start, lease and baseline included).
 func syncerBackfill(t *testing.T, bin string, srv *peers.S3Server, prefix, dir string, n int) (time.Duration, int64) {
 	t.Helper()
+	return syncerBackfillAt(t, bin, srv, srv.Endpoint, prefix, dir, n)
+}
+
+// syncerBackfillAt is syncerBackfill through endpoint (e.g. a proxy).
+func syncerBackfillAt(t *testing.T, bin string, srv *peers.S3Server, endpoint, prefix, dir string, n int) (time.Duration, int64) {
+	t.Helper()
 	start := time.Now()
-	p := syncerStart(t, bin, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16")
+	p := syncerStart(t, bin, srv, endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16")
 	err := peers.WaitFor(context.Background(), 10*time.Minute, func() error {
 		if v := p.metric(`podkeeper_syncer_uploads_total{result="ok"}`); v < float64(n) {
 			return fmt.Errorf("%v of %d uploaded", v, n)
