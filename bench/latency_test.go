@@ -10,7 +10,7 @@
 //	BENCH_LAT_FILES   files of 4 KiB (default 5000; the case is 20000)
 //	BENCH_LAT_RTT_MS  round trips in ms (default "0,20")
 //	BENCH_LAT_S3      servers (default "versitygw,minio")
-//	BENCH_LAT_ROUNDS  interleaved rounds, medians reported (default 3)
+//	BENCH_ROUNDS      interleaved rounds, medians reported (default 3)
 //	BENCH_LAT_SKIP    "syncer" or "restore" to run only the other half
 package bench
 
@@ -69,7 +69,7 @@ func (r *latRow) median() time.Duration {
 
 func TestBenchLatency(t *testing.T) {
 	n := latEnvInt("BENCH_LAT_FILES", 5000)
-	rounds := latEnvInt("BENCH_LAT_ROUNDS", 3)
+	rounds := benchRounds()
 	skip := os.Getenv("BENCH_LAT_SKIP")
 	restoreBin := agentBin(t, "restore")
 	syncerBin := agentBin(t, "syncer")

@@ -8,7 +8,7 @@
 //	hand-built PackedForward:   1 M records, 1000 per frame, one chunk + ack per frame (the ceiling)
 //	fluent-logger-golang:       sync + RequestAck, one record per Post (fewer records: ~13 k/s)
 //
-// in logshipRounds rounds with the order rotating, medians reported,
+// in BENCH_ROUNDS (default 3) rounds with the order rotating, medians reported,
 // plus the logshipper's RSS idle and under that load (VmRSS / VmHWM from /proc)
 // and its stripped binary size. Nothing is asserted: targets are printed as met
 // or missed, with ratios against the senders measured in the same run.
@@ -173,9 +173,8 @@ func logshipFLG(t *testing.T, port, n int) {
 	}
 }
 
-// logshipRounds runs of each sender, in a rotating order, so a change of the
+// benchRounds() runs of each sender, in a rotating order, so a change of the
 // machine's load between phases does not decide the ratios; medians are reported.
-const logshipRounds = 3
 
 func TestBenchLogshipper(t *testing.T) {
 	bin := agentBin(t, "logshipper")
@@ -218,6 +217,7 @@ func TestBenchLogshipper(t *testing.T) {
 			bases = append(bases, rate)
 		})
 	}
+	logshipRounds := benchRounds()
 	for round := range logshipRounds {
 		for k := range phases {
 			phases[(round+k)%len(phases)]()

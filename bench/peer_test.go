@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/podkeeper/podkeeper/test/peers"
@@ -60,4 +61,13 @@ func baselineBin(t *testing.T, name string) string {
 		t.Fatalf("BENCH_BASELINE_BIN_DIR: %v", err)
 	}
 	return bin
+}
+
+// benchRounds is the number of interleaved rounds of each suite, medians
+// reported: BENCH_ROUNDS, default 3 (more on a shared, noisy machine).
+func benchRounds() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_ROUNDS")); err == nil && n > 0 {
+		return n
+	}
+	return 3
 }

@@ -46,7 +46,6 @@ import (
 )
 
 const (
-	restoreRounds     = 3
 	restoreSmallFiles = 5000
 	restoreSmallSize  = 4 << 10
 	restoreLargeSize  = 1 << 30
@@ -158,6 +157,7 @@ func TestBenchRestore(t *testing.T) {
 
 	// Rounds are interleaved within a case, and the cases run one after the
 	// other: the 1 GiB writes must not sit between two small-file rounds.
+	restoreRounds := benchRounds()
 	for _, c := range []string{smallCase, largeCase} {
 		for round := range restoreRounds {
 			for i, run := range runs {

@@ -44,7 +44,6 @@ const (
 	syncerLargeSize  = 1 << 30
 	syncerLatRate    = 200 // files per second
 	syncerLatSeconds = 10
-	syncerRounds     = 3
 )
 
 func syncerMedian(d []time.Duration) time.Duration {
@@ -81,6 +80,7 @@ func TestBenchSyncer(t *testing.T) {
 	// is too noisy to compare.
 	var runsSyncer, runsBase, runsRclone, runsSDK, runsSDKMeta []time.Duration
 	var hwmA int64
+	syncerRounds := benchRounds()
 	for round := range syncerRounds {
 		d, hwm := syncerBackfill(t, bin, srv, fmt.Sprintf("a%d-syncer", round), small, syncerSmallFiles)
 		runsSyncer, hwmA = append(runsSyncer, d), max(hwmA, hwm)
