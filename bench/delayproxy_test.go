@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -15,8 +16,9 @@ import (
 // bandwidth: what a bucket in another zone or region looks like to the
 // client, with the server and client still on loopback.
 type delayProxy struct {
-	Addr string
-	ln   net.Listener
+	Addr  string
+	ln    net.Listener
+	Conns atomic.Int64 // connections accepted: a contender's keep-alive reuse shows here
 }
 
 func startDelayProxy(t *testing.T, upstream string, delay time.Duration) *delayProxy {
@@ -33,6 +35,7 @@ func startDelayProxy(t *testing.T, upstream string, delay time.Duration) *delayP
 			if err != nil {
 				return
 			}
+			p.Conns.Add(1)
 			go func() {
 				// The TCP handshake the client just completed with the
 				// proxy costs a round trip on a real network too.

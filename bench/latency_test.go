@@ -58,6 +58,7 @@ type latRow struct {
 	group, tool string
 	runs        []time.Duration
 	rss         int64 // KiB, highest round, processes only
+	conns       int64 // TCP connections opened through the proxy, highest round
 	run         func(round int) (time.Duration, int64)
 }
 
@@ -93,8 +94,8 @@ func TestBenchLatency(t *testing.T) {
 
 	var out strings.Builder
 	fmt.Fprintf(&out, "\nlatency tier: %d x 4 KiB through bench's delay proxy, median of %d interleaved rounds, %s\n\n", n, rounds, time.Now().UTC().Format(time.RFC3339))
-	fmt.Fprintln(&out, "| Server | RTT | Case | Contender | Time | Files/s | Restore or syncer vs this | Peak RSS |")
-	fmt.Fprintln(&out, "|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(&out, "| Server | RTT | Case | Contender | Time | Files/s | restore (syncer) files/s ÷ this | Peak RSS | TCP conns |")
+	fmt.Fprintln(&out, "|---|---|---|---|---|---|---|---|---|")
 	var verdicts []string
 	for _, kind := range latEnvList("BENCH_LAT_S3", "versitygw,minio") {
 		srv := peers.StartS3(t, kind)
@@ -170,8 +171,10 @@ func TestBenchLatency(t *testing.T) {
 			for round := range rounds {
 				for _, r := range rows {
 					syscall.Sync()
+					c0 := proxy.Conns.Load()
 					d, rss := r.run(round)
 					r.runs, r.rss = append(r.runs, d), max(r.rss, rss)
+					r.conns = max(r.conns, proxy.Conns.Load()-c0)
 					t.Logf("%s | %s round %d: %s", r.group, r.tool, round+1, d.Round(time.Millisecond))
 				}
 			}
@@ -185,7 +188,7 @@ func TestBenchLatency(t *testing.T) {
 				if r.rss > 0 {
 					rss = fmt.Sprintf("%d MiB", r.rss/1024)
 				}
-				fmt.Fprintf(&out, "%s | %s | %.2f s | %.0f | %.2f x | %s |\n", r.group, r.tool, m.Seconds(), float64(n)/m.Seconds(), m.Seconds()/lead.median().Seconds(), rss)
+				fmt.Fprintf(&out, "%s | %s | %.2f s | %.0f | %.2f x | %s | %d |\n", r.group, r.tool, m.Seconds(), float64(n)/m.Seconds(), m.Seconds()/lead.median().Seconds(), rss, r.conns)
 			}
 			ratio := func(a, b *latRow) float64 { return b.median().Seconds() / a.median().Seconds() }
 			if rRestore != nil {
