@@ -14,11 +14,13 @@ import (
 // The limiter starts at RESTORE_CONCURRENCY and measures the completion rate
 // over windows of a few times the limit:
 //
-//   - probing: while a window's rate beats the previous one by growthGain, the
-//     limit grows by half (a quarter after a back-off), up to max;
-//   - steady: when the rate stops growing the limit stays where it is, and is
-//     probed again every probeEvery windows (the server or network may have
-//     become faster);
+//   - probing: while each growth step buys at least growthGain of its
+//     proportional gain in files/s, the limit grows by half (a quarter after a
+//     back-off), up to max;
+//   - steady: when the rate stops growing the last step is undone (it bought
+//     nothing but memory and load on the server), and the limit is probed
+//     again every probeEvery windows (the server or network may have become
+//     faster);
 //   - a throttling signal (503 SlowDown, 429, a timeout) halves the limit, at
 //     most once per holdFor, and the next probe grows gently.
 //
@@ -36,13 +38,14 @@ type limiter struct {
 	winStart   time.Time
 	winDone    int
 	prevRate   float64
+	prevLimit  int // the limit before the last growth step
 	steadyWins int
 	holdUntil  time.Time
 }
 
 const (
-	growthGain = 1.10 // a window must be 10% faster than the one before to keep growing
-	probeEvery = 8    // steady windows between two probes
+	growthGain = 0.3 // a step must buy at least 30% of its proportional gain (50% more downloads: 15% more files/s)
+	probeEvery = 8   // steady windows between two probes
 	holdFor    = time.Second
 	minWindow  = 8 // completions
 )
@@ -111,14 +114,18 @@ func (l *limiter) done(now time.Time) {
 		// Just backed off: this window says nothing about the new limit yet.
 		l.prevRate = rate
 	case l.probing:
-		if l.prevRate == 0 || rate >= l.prevRate*growthGain {
+		need := 1.0
+		if l.prevLimit > 0 {
+			need += growthGain * (float64(l.limit)/float64(l.prevLimit) - 1)
+		}
+		if l.prevRate == 0 || rate >= l.prevRate*need {
 			l.prevRate = rate
 			step := l.limit / 2
 			if l.gentle {
 				step = l.limit / 4
 			}
 			if n := min(l.max, l.limit+max(1, step)); n != l.limit {
-				l.limit = n
+				l.prevLimit, l.limit = l.limit, n
 				l.signal()
 			} else {
 				l.probing, l.steadyWins = false, 0
@@ -126,6 +133,9 @@ func (l *limiter) done(now time.Time) {
 		} else {
 			l.probing, l.steadyWins = false, 0
 			l.prevRate = max(l.prevRate, rate)
+			if l.prevLimit > 0 {
+				l.limit, l.prevLimit = l.prevLimit, 0
+			}
 		}
 	default:
 		l.prevRate = rate
@@ -144,7 +154,7 @@ func (l *limiter) throttled(now time.Time) {
 	if now.Before(l.holdUntil) {
 		return
 	}
-	l.limit = max(1, l.limit/2)
+	l.limit, l.prevLimit = max(1, l.limit/2), 0
 	l.holdUntil = now.Add(holdFor)
 	l.probing, l.gentle, l.steadyWins = false, true, 0
 	l.winStart, l.winDone = now, 0

@@ -62,6 +62,17 @@ func TestLimiterGrowsWhileThroughputGrows(t *testing.T) {
 	}
 }
 
+func TestLimiterUndoesAStepThatBuysNothing(t *testing.T) {
+	// Already at the server's bound (800/s = 16 at 20 ms, e.g. loopback on a
+	// busy CPU): probes find nothing, so the limit stays at the start.
+	t0 := time.Unix(0, 0)
+	l := newLimiter(16, 128, t0)
+	peak, _ := simulate(l, t0, 10*time.Second, 20*time.Millisecond, 800, nil)
+	if l.Limit() != 16 || peak > 24 {
+		t.Errorf("limit %d (peak %d), want 16 after probes of at most one step", l.Limit(), peak)
+	}
+}
+
 func TestLimiterRespectsBound(t *testing.T) {
 	t0 := time.Unix(0, 0)
 	l := newLimiter(16, 16, t0)
