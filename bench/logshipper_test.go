@@ -8,7 +8,7 @@
 //	hand-built PackedForward:   1 M records, 1000 per frame, one chunk + ack per frame (the ceiling)
 //	fluent-logger-golang:       sync + RequestAck, one record per Post (fewer records: ~13 k/s)
 //
-// in logshipRounds rounds with the order rotating, medians reported,
+// in BENCH_ROUNDS (default 3) rounds with the order rotating, medians reported,
 // plus the logshipper's RSS idle and under that load (VmRSS / VmHWM from /proc)
 // and its stripped binary size. Nothing is asserted: targets are printed as met
 // or missed, with ratios against the senders measured in the same run.
@@ -173,22 +173,16 @@ func logshipFLG(t *testing.T, port, n int) {
 	}
 }
 
-// logshipRounds runs of each sender, in a rotating order, so a change of the
+// benchRounds() runs of each sender, in a rotating order, so a change of the
 // machine's load between phases does not decide the ratios; medians are reported.
-const logshipRounds = 3
 
 func TestBenchLogshipper(t *testing.T) {
-	root := peers.Root()
-	bin := filepath.Join(t.TempDir(), "logshipper")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./cmd/logshipper")
-	build.Dir, build.Env = root, append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := agentBin(t, "logshipper")
+	base := baselineBin(t, "logshipper")
 	fi, _ := os.Stat(bin)
 	binSize := fi.Size()
 
-	var ceils, flgs, ships []float64
+	var ceils, flgs, ships, bases []float64
 	var idle, peak int64
 	phases := []func(){
 		func() {
@@ -217,6 +211,13 @@ func TestBenchLogshipper(t *testing.T) {
 			idle, peak = max(idle, i), max(peak, p)
 		},
 	}
+	if base != "" {
+		phases = append(phases, func() {
+			rate, _, _ := logshipRun(t, base)
+			bases = append(bases, rate)
+		})
+	}
+	logshipRounds := benchRounds()
 	for round := range logshipRounds {
 		for k := range phases {
 			phases[(round+k)%len(phases)]()
@@ -241,6 +242,9 @@ func TestBenchLogshipper(t *testing.T) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n| logshipper, %d lines of %d B into otelfwd with acks, median of %d rounds | value | ratio | target |\n|---|---|---|---|\n", logshipLines, logshipLineSize+1, logshipRounds)
 	fmt.Fprintf(&b, "| logshipper (files -> ack, end to end; rounds: %s) | %.0f rec/s | 1.00 | |\n", rates(ships), ship)
+	if base != "" {
+		fmt.Fprintf(&b, "| logshipper, baseline binary (BENCH_BASELINE_BIN_DIR; rounds: %s) | %.0f rec/s | logshipper = %.2f x | |\n", rates(bases), logshipMedian(bases), ship/logshipMedian(bases))
+	}
 	fmt.Fprintf(&b, "| hand-built PackedForward + ack, 1000/frame, the ceiling (rounds: %s) | %.0f rec/s | logshipper = %.2f x | >= 0.8 x: %s |\n", rates(ceils), ceil, ship/ceil, yes(ship >= 0.8*ceil))
 	fmt.Fprintf(&b, "| fluent-logger-golang sync + RequestAck, %d records (rounds: %s) | %.0f rec/s | logshipper = %.1f x | >= 10 x: %s |\n", logshipFLGLines, rates(flgs), flg, ship/flg, yes(ship >= 10*flg))
 	fmt.Fprintf(&b, "| logshipper RSS idle (VmRSS, highest round) | %s | | <= 20 MiB: %s |\n", mib(idle), yes(idle <= 20<<20))

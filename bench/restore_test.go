@@ -46,7 +46,6 @@ import (
 )
 
 const (
-	restoreRounds     = 3
 	restoreSmallFiles = 5000
 	restoreSmallSize  = 4 << 10
 	restoreLargeSize  = 1 << 30
@@ -72,7 +71,8 @@ func (r *restoreRow) median() restoreSample {
 
 func TestBenchRestore(t *testing.T) {
 	srv := peers.StartS3(t, benchS3())
-	bin := restoreBuild(t)
+	bin := agentBin(t, "restore")
+	base := baselineBin(t, "restore")
 	c := srv.Client()
 
 	t.Log("uploading 5000 x 4 KiB ...")
@@ -116,6 +116,11 @@ func TestBenchRestore(t *testing.T) {
 	rRestore := add(smallCase, "restore (binary, syncfs)", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
 		return restoreRunBin(t, bin, srv, "small", dir)
 	})
+	if base != "" {
+		add(smallCase, "restore, baseline binary (BENCH_BASELINE_BIN_DIR)", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
+			return restoreRunBin(t, base, srv, "small", dir)
+		})
+	}
 	add(smallCase, "restore in-process, syncfs", restoreSmallFiles, smallBytes, func(dir string) restoreSample {
 		return restoreRunInProcess(t, srv, "small", dir, restore.SyncFS)
 	})
@@ -131,6 +136,11 @@ func TestBenchRestore(t *testing.T) {
 	lRestore := add(largeCase, "restore (binary, syncfs)", 1, restoreLargeSize, func(dir string) restoreSample {
 		return restoreRunBin(t, bin, srv, "large", dir)
 	})
+	if base != "" {
+		add(largeCase, "restore, baseline binary (BENCH_BASELINE_BIN_DIR)", 1, restoreLargeSize, func(dir string) restoreSample {
+			return restoreRunBin(t, base, srv, "large", dir)
+		})
+	}
 	// What verification costs: the same run without the sha256 pass (the raw
 	// SDK rows hash nothing).
 	add(largeCase, "restore, RESTORE_VERIFY=false", 1, restoreLargeSize, func(dir string) restoreSample {
@@ -147,6 +157,7 @@ func TestBenchRestore(t *testing.T) {
 
 	// Rounds are interleaved within a case, and the cases run one after the
 	// other: the 1 GiB writes must not sit between two small-file rounds.
+	restoreRounds := benchRounds()
 	for _, c := range []string{smallCase, largeCase} {
 		for round := range restoreRounds {
 			for i, run := range runs {
@@ -187,18 +198,6 @@ func TestBenchRestore(t *testing.T) {
 	fmt.Fprintf(&out, "1 GiB: restore throughput / raw SDK throughput = %.2f (target >= 0.90: %s)\n", largeTP, verdict(largeTP >= 0.9))
 	fmt.Print(out.String())
 	t.Log(out.String())
-}
-
-func restoreBuild(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "restore")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./cmd/restore")
-	cmd.Dir = peers.Root()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build restore: %v\n%s", err, out)
-	}
-	return bin
 }
 
 func restoreEntry(p string, data []byte) snapshot.File {
@@ -345,6 +344,11 @@ func restoreCount(t *testing.T, dir string) int {
 // restoreRawSmall lists the prefix and GETs every object, 16 at a time,
 // into files: the floor a client can reach over this server.
 func restoreRawSmall(t *testing.T, c *s3.Client, prefix, dir string) restoreSample {
+	return restoreRawSmallN(t, c, prefix, dir, 16)
+}
+
+// restoreRawSmallN is restoreRawSmall with conc GETs at a time.
+func restoreRawSmallN(t *testing.T, c *s3.Client, prefix, dir string, conc int) restoreSample {
 	t.Helper()
 	ctx := context.Background()
 	start := time.Now()
@@ -361,7 +365,7 @@ func restoreRawSmall(t *testing.T, c *s3.Client, prefix, dir string) restoreSamp
 	}
 	work := make(chan string)
 	var wg sync.WaitGroup
-	for range 16 {
+	for range conc {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -44,7 +44,6 @@ const (
 	syncerLargeSize  = 1 << 30
 	syncerLatRate    = 200 // files per second
 	syncerLatSeconds = 10
-	syncerRounds     = 3
 )
 
 func syncerMedian(d []time.Duration) time.Duration {
@@ -55,7 +54,8 @@ func syncerMedian(d []time.Duration) time.Duration {
 
 func TestBenchSyncer(t *testing.T) {
 	srv := peers.StartS3(t, benchS3())
-	bin := syncerBuild(t)
+	bin := agentBin(t, "syncer")
+	base := baselineBin(t, "syncer")
 	fi, err := os.Stat(bin)
 	if err != nil {
 		t.Fatal(err)
@@ -78,22 +78,31 @@ func TestBenchSyncer(t *testing.T) {
 	}
 	// Interleaved rounds, median per contender: one round on 2 shared cores
 	// is too noisy to compare.
-	var runsSyncer, runsRclone, runsSDK, runsSDKMeta []time.Duration
+	var runsSyncer, runsBase, runsRclone, runsSDK, runsSDKMeta []time.Duration
 	var hwmA int64
+	syncerRounds := benchRounds()
 	for round := range syncerRounds {
 		d, hwm := syncerBackfill(t, bin, srv, fmt.Sprintf("a%d-syncer", round), small, syncerSmallFiles)
 		runsSyncer, hwmA = append(runsSyncer, d), max(hwmA, hwm)
+		if base != "" {
+			d, _ := syncerBackfill(t, base, srv, fmt.Sprintf("a%d-base", round), small, syncerSmallFiles)
+			runsBase = append(runsBase, d)
+		}
 		runsRclone = append(runsRclone, syncerRclone(t, srv, fmt.Sprintf("a%d-rclone", round), small))
 		runsSDK = append(runsSDK, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk", round), small, false))
 		runsSDKMeta = append(runsSDKMeta, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk-meta", round), small, true))
 	}
 	syncerA, rcloneA, sdkA, sdkMetaA := syncerMedian(runsSyncer), syncerMedian(runsRclone), syncerMedian(runsSDK), syncerMedian(runsSDKMeta)
-	t.Logf("(a) rounds: syncer %v, rclone %v, SDK %v, SDK+meta %v", runsSyncer, runsRclone, runsSDK, runsSDKMeta)
+	t.Logf("(a) rounds: syncer %v, baseline %v, rclone %v, SDK %v, SDK+meta %v", runsSyncer, runsBase, runsRclone, runsSDK, runsSDKMeta)
 
 	// (b) one large file
 	large := t.TempDir()
 	syncerWriteLarge(t, filepath.Join(large, "big.bin"))
 	syncerB, hwmB := syncerBackfill(t, bin, srv, "b-syncer", large, 1)
+	var baseB time.Duration
+	if base != "" {
+		baseB, _ = syncerBackfill(t, base, srv, "b-base", large, 1)
+	}
 	sdkB := syncerRawLarge(t, client, "b-sdk", filepath.Join(large, "big.bin"))
 
 	// (c) latency
@@ -115,8 +124,15 @@ func TestBenchSyncer(t *testing.T) {
 	fmt.Fprintf(&out, "| | rclone copy --transfers 16 | %.2f s | syncer/rclone = %.2f (target ≤ 0.40: %s) |\n", rcloneA.Seconds(), syncerA.Seconds()/rcloneA.Seconds(), verdict(syncerA.Seconds()/rcloneA.Seconds() <= 0.4))
 	fmt.Fprintf(&out, "| | raw SDK PutObject × 16 | %.2f s | syncer/SDK = %.2f |\n", sdkA.Seconds(), syncerA.Seconds()/sdkA.Seconds())
 	fmt.Fprintf(&out, "| | raw SDK PutObject × 16, same metadata as the syncer | %.2f s | syncer/SDK+meta = %.2f |\n", sdkMetaA.Seconds(), syncerA.Seconds()/sdkMetaA.Seconds())
+	if base != "" {
+		baseA := syncerMedian(runsBase)
+		fmt.Fprintf(&out, "| | syncer, baseline binary (BENCH_BASELINE_BIN_DIR; rounds %v) | %.2f s | syncer/baseline = %.2f |\n", runsBase, baseA.Seconds(), syncerA.Seconds()/baseA.Seconds())
+	}
 	fmt.Fprintf(&out, "| (b) 1 GiB file | syncer (hash + resumable multipart, 16 MiB × 8) | %.2f s, %.0f MB/s | 1.00 |\n", syncerB.Seconds(), mbps(syncerB))
 	fmt.Fprintf(&out, "| | raw SDK transfermanager (16 MiB × 8) | %.2f s, %.0f MB/s | syncer/SDK throughput = %.2f (target ≥ 0.90: %s) |\n", sdkB.Seconds(), mbps(sdkB), mbps(syncerB)/mbps(sdkB), verdict(mbps(syncerB)/mbps(sdkB) >= 0.9))
+	if base != "" {
+		fmt.Fprintf(&out, "| | syncer, baseline binary (BENCH_BASELINE_BIN_DIR) | %.2f s, %.0f MB/s | syncer/baseline throughput = %.2f |\n", baseB.Seconds(), mbps(baseB), mbps(syncerB)/mbps(baseB))
+	}
 	fmt.Fprintf(&out, "| (c) close-to-visible, %d files/s for %d s, SYNC_SETTLE=1s | syncer | p50 %d ms, p99 %d ms (%d/%d visible) | p50 target ≤ 1050 ms: %s; p99 target ≤ 1250 ms: %s |\n",
 		syncerLatRate, syncerLatSeconds, p50.Milliseconds(), p99.Milliseconds(), seen, sent, verdict(p50 <= 1050*time.Millisecond), verdict(p99 <= 1250*time.Millisecond))
 	fmt.Fprintf(&out, "| RSS | syncer idle (VmRSS) | %.1f MiB | target ≤ 20 MiB: %s |\n", mib(idle), verdict(mib(idle) <= 20))
@@ -125,17 +141,6 @@ func TestBenchSyncer(t *testing.T) {
 	fmt.Fprintf(&out, "| binary | syncer, CGO_ENABLED=0 -trimpath -ldflags \"-s -w\" | %.1f MiB | target ≤ 20 MiB: %s |\n", float64(binSize)/(1<<20), verdict(binSize <= 20<<20))
 	t.Log(out.String())
 	fmt.Println(out.String())
-}
-
-func syncerBuild(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "syncer")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "../cmd/syncer")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build syncer: %v\n%s", err, out)
-	}
-	return bin
 }
 
 // syncerProc is the syncer binary with its metrics endpoint.
@@ -224,8 +229,14 @@ func (p *syncerProc) stop(t *testing.T) {
 // n uploads are done (process start, lease and baseline included).
 func syncerBackfill(t *testing.T, bin string, srv *peers.S3Server, prefix, dir string, n int) (time.Duration, int64) {
 	t.Helper()
+	return syncerBackfillAt(t, bin, srv, srv.Endpoint, prefix, dir, n)
+}
+
+// syncerBackfillAt is syncerBackfill through endpoint (e.g. a proxy).
+func syncerBackfillAt(t *testing.T, bin string, srv *peers.S3Server, endpoint, prefix, dir string, n int) (time.Duration, int64) {
+	t.Helper()
 	start := time.Now()
-	p := syncerStart(t, bin, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16")
+	p := syncerStart(t, bin, srv, endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16")
 	err := peers.WaitFor(context.Background(), 10*time.Minute, func() error {
 		if v := p.metric(`podkeeper_syncer_uploads_total{result="ok"}`); v < float64(n) {
 			return fmt.Errorf("%v of %d uploaded", v, n)

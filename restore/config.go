@@ -48,6 +48,9 @@ type Config struct {
 	Concurrency int    `env:"RESTORE_CONCURRENCY" envDefault:"16" help:"Parallel downloads (files, or byte ranges of one large file)."`
 	Verify      bool   `env:"RESTORE_VERIFY" envDefault:"true" help:"Check each downloaded file's sha256 against the snapshot (a mismatch is retried once, then fails)."`
 	StateDir    string `env:"RESTORE_STATE_DIR" defaultHelp:"RESTORE_DIR/.podkeeper" help:"State directory shared with the syncer (temp files, restored.json); must be on the same filesystem as RESTORE_DIR."`
+
+	// MaxConcurrency bounds the adaptive concurrency of small-file downloads (limiter.go).
+	MaxConcurrency int `env:"RESTORE_MAX_CONCURRENCY" envDefault:"128" help:"Upper bound of parallel small-file downloads: starting at RESTORE_CONCURRENCY, restore adds downloads while the files/s grow and halves them on 503 SlowDown or timeouts (at 20 ms round trip, 16 downloads are at most 800 files/s). Never below RESTORE_CONCURRENCY; equal to it for a fixed number."`
 }
 
 func (c *Config) BaseConfig() *config.Base { return &c.Base }
@@ -62,6 +65,9 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 	}
 	if !errs.Has("RESTORE_CONCURRENCY") && (c.Concurrency < 1 || c.Concurrency > MaxConcurrency) {
 		errs.Add("RESTORE_CONCURRENCY", env.Get("RESTORE_CONCURRENCY"), "must be between 1 and %d", MaxConcurrency)
+	}
+	if !errs.Has("RESTORE_MAX_CONCURRENCY") && (c.MaxConcurrency < 1 || c.MaxConcurrency > MaxConcurrency) {
+		errs.Add("RESTORE_MAX_CONCURRENCY", env.Get("RESTORE_MAX_CONCURRENCY"), "must be between 1 and %d", MaxConcurrency)
 	}
 	if err := ValidSnapshotSpec(c.Snapshot); err != nil {
 		errs.Add("RESTORE_SNAPSHOT", env.Get("RESTORE_SNAPSHOT"), "%v", err)

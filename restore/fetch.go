@@ -1,6 +1,7 @@
 package restore
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -10,6 +11,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -49,6 +51,16 @@ func retryableRead(op, key string, err error) error {
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
+// smallBufPool serves files that fit in smallBufSize (plus the byte that sees
+// EOF): with 128 downloads in flight, 256 KiB buffers would be 32 MiB.
+var smallBufPool = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+
+const smallBufSize = 32 << 10
+
+// limiterKey carries the small-file limiter to get, which reports throttling
+// to it.
+type limiterKey struct{}
+
 func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) error {
 	r.prog.totalFiles, r.prog.totalBytes = int64(len(p.fetch)), p.fetchBytes
 	if len(p.fetch) == 0 {
@@ -65,18 +77,30 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 			small = append(small, f)
 		}
 	}
-	// Small files: one GET each, Concurrency at a time; the first failure
-	// cancels the others.
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(r.cfg.Concurrency)
+	// Small files: one GET each, largest first (so the tail is the quickest
+	// files, not one big one alone on the wire), as many at a time as the
+	// adaptive limiter allows; the first failure cancels the others.
+	slices.SortStableFunc(small, func(a, b snapshot.File) int { return cmp.Compare(b.Size, a.Size) })
+	lim := newLimiter(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
+	g, gctx := errgroup.WithContext(context.WithValue(ctx, limiterKey{}, lim))
 	for _, f := range small {
-		if gctx.Err() != nil {
+		if lim.acquire(gctx) != nil {
 			break
 		}
-		g.Go(func() error { return r.fetchFile(gctx, t, tmp, f) })
+		g.Go(func() error {
+			defer lim.release()
+			if err := r.fetchFile(gctx, t, tmp, f); err != nil {
+				return err
+			}
+			lim.done(time.Now())
+			return nil
+		})
 	}
 	if err := g.Wait(); err != nil {
 		return err
+	}
+	if len(small) > 0 {
+		r.log.Debug("small files fetched", "files", len(small), "final_concurrency", lim.Limit())
 	}
 	// Large files one after another, each with Concurrency ranged GETs.
 	for _, f := range large {
@@ -174,6 +198,9 @@ func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptio
 	opts.VersionID = f.VersionID
 	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		r.log.Warn("download failed, retrying", "path", f.Path, "attempt", attempt+1, "wait", wait.Round(time.Millisecond), "err", err)
+		if lim, ok := ctx.Value(limiterKey{}).(*limiter); ok && isThrottle(err) {
+			lim.throttled(time.Now())
+		}
 	}, func(ctx context.Context) error {
 		rc, info, err := r.st.Get(ctx, key, opts)
 		if err != nil {
@@ -208,8 +235,12 @@ func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.
 		if r.cfg.Verify {
 			w = io.MultiWriter(file, h)
 		}
-		bp := bufPool.Get().(*[]byte)
-		defer bufPool.Put(bp)
+		pool := &bufPool
+		if f.Size < smallBufSize {
+			pool = &smallBufPool
+		}
+		bp := pool.Get().(*[]byte)
+		defer pool.Put(bp)
 		n, err := copyCounted(w, io.LimitReader(body, f.Size+1), *bp, &r.prog)
 		if err != nil {
 			return err
