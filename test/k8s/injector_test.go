@@ -20,6 +20,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	jsonpatch "gopkg.in/evanphx/json-patch.v4"
+
+	"github.com/podkeeper/podkeeper/injector"
 )
 
 // manifests/injector.yaml is kustomize/injector rendered, nothing else.
@@ -370,5 +374,94 @@ current-context: c
 	if !strings.Contains(string(m), `podkeeper_injector_admissions_total{result="injected"}`) ||
 		!strings.Contains(string(m), "podkeeper_injector_admission_duration_seconds_bucket") {
 		t.Errorf("metrics of replica 2 lack the admission counters:\n%s", m)
+	}
+}
+
+// One source of truth: the injector, given the settings a kustomization gives the components
+// (podkeeper-attach), turns files-api's Pod into exactly the Pod spec the components render, native
+// (components/agents) and classic (components/classic-sidecars). A change of a component's
+// container or of the place its replacements write to fails here.
+func TestInjectorMatchesComponents(t *testing.T) {
+	settings := map[string]string{"uploads-volume": "data", "uploads-mount-path": "/srv/data", "logs-volume": "data",
+		"logs-mount-path": "/var/lib/files-api", "syncer-memory-limit": "512Mi", "restore-cpu-request": "200m",
+		"logshipper-cpu-limit": "250m"}
+	rel := func(dir string, p ...string) string {
+		r, err := filepath.Rel(dir, filepath.Join(append([]string{root(), "kustomize"}, p...)...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	for _, tc := range []struct {
+		component string
+		native    bool
+	}{{"agents", true}, {"classic-sidecars", false}} {
+		t.Run(tc.component, func(t *testing.T) {
+			dir := t.TempDir()
+			app, err := os.ReadFile(filepath.Join(root(), "kustomize", "examples", "files-api", "files-api.yaml"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(filepath.Join(dir, "files-api.yaml"), app, 0o644)
+			var b strings.Builder
+			fmt.Fprintf(&b, "resources:\n- files-api.yaml\n- %s\ncomponents:\n- %s\n", rel(dir, "base"), rel(dir, "components", tc.component))
+			fmt.Fprintf(&b, "configMapGenerator:\n- name: podkeeper-attach\n  behavior: merge\n  literals:\n")
+			for k, v := range settings {
+				fmt.Fprintf(&b, "  - %s=%s\n", k, v)
+			}
+			os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(b.String()), 0o644)
+			rendered := podSpec(find(parseDocs(t, tc.component, render(t, dir)), "Deployment", "files-api"))
+			// kustomize/base generates ConfigMap podkeeper with a hash suffix; the injector
+			// names the namespace's ConfigMap podkeeper (manifests/config.yaml).
+			for _, c := range append(list(rendered, "initContainers"), list(rendered, "containers")...) {
+				for _, e := range list(c, "envFrom") {
+					if r, ok := get(e, "configMapRef").(obj); ok && agentsConfigMap(str(r, "name")) {
+						r["name"] = "podkeeper"
+					}
+				}
+			}
+
+			orig := find(readDocs(t, "kustomize/examples/files-api/files-api.yaml"), "Deployment", "files-api")
+			pod := barePod(orig, "files-api-x")
+			pod["metadata"].(obj)["annotations"] = obj{"podkeeper.io/inject": "true", "podkeeper.io/store-url": "s3://b/files-api"}
+			d, err := injector.ParseDefaults(settings)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := injector.Mutate(d, injector.Request{Pod: pod, Namespace: "files", Native: tc.native})
+			if err != nil {
+				t.Fatal(err)
+			}
+			pb, _ := json.Marshal(res.Patch)
+			patch, err := jsonpatch.DecodePatch(pb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			podb, _ := json.Marshal(pod)
+			outb, err := patch.Apply(podb)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out obj
+			json.Unmarshal(outb, &out)
+			injected := out["spec"].(obj)
+			for _, f := range []string{"initContainers", "containers"} {
+				if !reflect.DeepEqual(list(injected, f), list(rendered, f)) {
+					gj, _ := json.MarshalIndent(list(injected, f), "", " ")
+					wj, _ := json.MarshalIndent(list(rendered, f), "", " ")
+					t.Errorf("%s: injector and components differ:\ninjector: %s\ncomponents: %s", f, gj, wj)
+				}
+			}
+			vols := func(l []any) map[string]any {
+				m := map[string]any{}
+				for _, v := range l {
+					m[str(v, "name")] = v
+				}
+				return m
+			}
+			if !reflect.DeepEqual(vols(list(injected, "volumes")), vols(list(rendered, "volumes"))) {
+				t.Errorf("volumes differ:\ninjector: %v\ncomponents: %v", list(injected, "volumes"), list(rendered, "volumes"))
+			}
+		})
 	}
 }
