@@ -183,6 +183,24 @@ func container(agent string, s *settings, d Defaults, native bool) obj {
 		res[kind].(obj)["cpu"] = d[agent+"-cpu-"+one]
 		res[kind].(obj)["memory"] = d[agent+"-memory-"+one]
 	}
+	// The namespace's ConfigMap and Secret, named as the platform team says.
+	if l, ok := c["envFrom"].([]any); ok {
+		var keep []any
+		for _, e := range l {
+			e := e.(obj)
+			if r, ok := e["configMapRef"].(obj); ok && r["name"] == "podkeeper" {
+				r["name"] = d["configmap"]
+			}
+			if r, ok := e["secretRef"].(obj); ok && r["name"] == "podkeeper-s3" {
+				if d["s3-secret"] == "none" {
+					continue
+				}
+				r["name"] = d["s3-secret"]
+			}
+			keep = append(keep, e)
+		}
+		c["envFrom"] = keep
+	}
 	if img := d[agent+"-image"]; img != "" {
 		c["image"] = img
 	}

@@ -147,6 +147,8 @@ func cases() []tcase {
 		{name: "defaults-images-resources-agents", pod: pod(on), defaults: map[string]string{
 			"agents": "restore,syncer", "syncer-image": "registry.example/podkeeper/syncer:v0.1.0",
 			"syncer-memory-limit": "512Mi", "uploads-mount-path": "/uploads"}},
+		{name: "defaults-workload-identity", pod: pod(on), defaults: map[string]string{"s3-secret": "none", "configmap": "podkeeper-agents"}},
+		{name: "defaults-s3-secret-named", pod: pod(on), defaults: map[string]string{"s3-secret": "files-s3"}},
 		// bad values: refused, naming the annotation
 		{name: "bad-inject", pod: pod(with(AnnInject, "yes"))},
 		{name: "bad-agents-unknown", pod: pod(with(AnnAgents, "restore,backup"))},
@@ -352,6 +354,8 @@ func TestParseDefaultsRefuses(t *testing.T) {
 		{"sidecars": "yes"},
 		{"syncer-cpu-limit": "lots"},
 		{"logs-mount-path": "logs"},
+		{"s3-secret": "Files_S3"},
+		{"configmap": "none"},
 	} {
 		if _, err := ParseDefaults(data); err == nil {
 			t.Errorf("%v accepted", data)

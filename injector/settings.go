@@ -38,14 +38,17 @@ var knownAnnotations = map[string]bool{
 //     template with {namespace} and {workload} (default none: such a Pod is
 //     refused, as restore and syncer would stop without STORE_URL);
 //   - AGENT-image: the agent's image (default the components' image);
-//   - sidecars: auto (native when the API server is >= 1.29), native or classic.
+//   - sidecars: auto (native when the API server is >= 1.29), native or classic;
+//   - configmap: the agents' ConfigMap in the Pod's namespace (default podkeeper);
+//   - s3-secret: their S3 Secret there (default podkeeper-s3; "none": no Secret, the
+//     Pod's ServiceAccount is the credential, as components/workload-identity).
 type Defaults map[string]string
 
-var extraKeys = []string{"agents", "store-url", "sidecars", "restore-image", "syncer-image", "logshipper-image"}
+var extraKeys = []string{"agents", "store-url", "sidecars", "restore-image", "syncer-image", "logshipper-image", "configmap", "s3-secret"}
 
 // ParseDefaults checks a ConfigMap's data and returns it over the built-in defaults.
 func ParseDefaults(data map[string]string) (Defaults, error) {
-	d := Defaults{"agents": strings.Join(Agents, ","), "sidecars": "auto"}
+	d := Defaults{"agents": strings.Join(Agents, ","), "sidecars": "auto", "configmap": "podkeeper", "s3-secret": "podkeeper-s3"}
 	for k, v := range builtin.attach {
 		d[k] = v
 	}
@@ -94,6 +97,11 @@ func ParseDefaults(data map[string]string) (Defaults, error) {
 		}
 		if rest := placeholder.ReplaceAllString(t, ""); strings.ContainsAny(rest, "{}") {
 			return nil, fmt.Errorf("defaults: store-url: only {namespace} and {workload} may be used, in %q", t)
+		}
+	}
+	for _, k := range []string{"configmap", "s3-secret"} {
+		if v := d[k]; !dnsSubdomain.MatchString(v) || len(v) > 253 || (k == "configmap" && v == "none") {
+			return nil, fmt.Errorf("defaults: %s: %q is not a ConfigMap or Secret name", k, v)
 		}
 	}
 	switch d["sidecars"] {
@@ -244,6 +252,8 @@ func parseAgents(v string) ([]string, error) {
 	}
 	return out, nil
 }
+
+var dnsSubdomain = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
 
 var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
