@@ -465,3 +465,36 @@ func TestInjectorMatchesComponents(t *testing.T) {
 		})
 	}
 }
+
+// kustomize/injector/cert-manager: the injector serves cert-manager's certificate, cert-manager
+// sets the caBundle, and the injector keeps no API rights.
+func TestInjectorCertManagerOverlay(t *testing.T) {
+	docs := parseDocs(t, "cert-manager", render(t, filepath.Join(root(), "kustomize", "injector", "cert-manager")))
+	dep := find(docs, "Deployment", "podkeeper-injector")
+	c := list(podSpec(dep), "containers")[0]
+	if !slices.Contains(list(c, "args"), any("-cert-dir=/etc/podkeeper-injector-tls")) {
+		t.Errorf("no -cert-dir: %v", list(c, "args"))
+	}
+	mounted := false
+	for _, v := range list(podSpec(dep), "volumes") {
+		mounted = mounted || str(v, "secret", "secretName") == "podkeeper-injector-cert"
+	}
+	cert := find(docs, "Certificate", "podkeeper-injector")
+	if !mounted || cert == nil || str(cert, "spec", "secretName") != "podkeeper-injector-cert" {
+		t.Error("the Certificate's Secret is not mounted")
+	}
+	if mwc := find(docs, "MutatingWebhookConfiguration", "podkeeper-injector"); str(mwc, "metadata", "annotations", "cert-manager.io/inject-ca-from") != "podkeeper-injector/podkeeper-injector" {
+		t.Error("no cert-manager.io/inject-ca-from on the webhook configuration")
+	}
+	for _, o := range docs {
+		switch o["kind"] {
+		case "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding":
+			t.Errorf("%s %s kept: the injector needs no API rights with cert-manager", o["kind"], str(o, "metadata", "name"))
+		}
+		if o["kind"] == "Deployment" {
+			for _, v := range violations(o) {
+				t.Error(v)
+			}
+		}
+	}
+}
