@@ -1,6 +1,7 @@
 package injector
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/podkeeper/podkeeper/agents/events"
 )
 
 // Paths the webhook configuration calls: one webhook for namespaces labelled
@@ -61,6 +64,10 @@ type Webhook struct {
 	Reject bool
 	Native bool
 	Log    *slog.Logger
+	// Events: a Warning PodNotMutated on the injector's own Pod for each Pod it
+	// could not mutate (agents/kube aggregates them: the count grows, the
+	// message names the latest Pod and why). Nil: only the log and the metric.
+	Events events.Recorder
 
 	defaults atomic.Pointer[Defaults]
 	total    *prometheus.CounterVec
@@ -141,6 +148,14 @@ func (w *Webhook) review(req *AdmissionRequest, nsOptIn bool) *AdmissionResponse
 		w.total.WithLabelValues(result).Inc()
 		w.Log.Warn("Pod not mutated", "namespace", req.Namespace, "pod", name, "workload", Workload(pod), "err", err, "refused", w.Reject)
 		msg := "podkeeper injector: " + err.Error()
+		if w.Events != nil {
+			what := "admitted without the agents"
+			if w.Reject {
+				what = "refused"
+			}
+			w.Events.Event(context.Background(), events.Warning, "PodNotMutated",
+				fmt.Sprintf("Pod %s/%s (workload %s) %s: %v", req.Namespace, name, Workload(pod), what, err))
+		}
 		if w.Reject {
 			resp.Allowed = false
 			resp.Result = &Status{Code: http.StatusUnprocessableEntity, Message: msg}

@@ -24,7 +24,10 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/podkeeper/podkeeper/agents/config"
+	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
+	"github.com/podkeeper/podkeeper/agents/kube"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/injector"
 )
@@ -151,6 +154,7 @@ func serve(ctx context.Context, o *options, log *slog.Logger) error {
 	var getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	var ready func() bool
 	var api *injector.API
+	var apiCfg *rest.Config
 	needAPI := o.certDir == "" || defaults["sidecars"] == "auto"
 	if needAPI {
 		var cfg *rest.Config
@@ -163,9 +167,31 @@ func serve(ctx context.Context, o *options, log *slog.Logger) error {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		cfg.Timeout = 10 * time.Second
+		apiCfg = cfg
 		if api, err = injector.NewAPI(cfg); err != nil {
 			return err
 		}
+	}
+	// Events on the injector's own Pod (POD_NAME, POD_UID from the downward API).
+	base := &config.Base{PodName: os.Getenv("POD_NAME"), PodNamespace: o.namespace, PodUID: os.Getenv("POD_UID"), KubeEvents: "auto"}
+	var rec *kube.Kube
+	switch {
+	case base.PodName == "" || base.PodUID == "" || o.namespace == "":
+		log.Info("POD_NAME, POD_UID or the namespace unset: Events only in the log")
+	case o.kubeconfig != "" && apiCfg != nil:
+		rec, err = kube.NewForConfig(ctx, apiCfg, base, log, kube.Options{Component: "injector"})
+	default:
+		rec, err = kube.New(ctx, base, log, kube.Options{Component: "injector"})
+	}
+	if err != nil {
+		log.Warn("Kubernetes Events not usable; they stay in the log", "err", err)
+		rec = nil
+	}
+	if rec != nil {
+		wh.Events = rec
+		defer rec.CloseWithin(5 * time.Second)
+	} else {
+		wh.Events = events.Log{L: log}
 	}
 	switch defaults["sidecars"] {
 	case "native":

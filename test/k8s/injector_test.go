@@ -51,7 +51,7 @@ func TestInjectorManifestIsRendered(t *testing.T) {
 		}
 	}
 	// RBAC: its own Secret and its own webhook configuration, by name; create (which cannot
-	// name a resource) only for Secrets of its namespace.
+	// name a resource) only for Secrets and Events of its namespace, patch for Events.
 	for _, o := range got {
 		if o["kind"] != "Role" && o["kind"] != "ClusterRole" {
 			continue
@@ -59,7 +59,8 @@ func TestInjectorManifestIsRendered(t *testing.T) {
 		for _, r := range list(o, "rules") {
 			named := len(list(r, "resourceNames")) > 0
 			verbs := fmt.Sprint(list(r, "verbs"))
-			if !named && !(o["kind"] == "Role" && verbs == "[create]" && fmt.Sprint(list(r, "resources")) == "[secrets]") {
+			res := fmt.Sprint(list(r, "resources"))
+			if !named && !(o["kind"] == "Role" && (verbs == "[create]" && res == "[secrets]" || verbs == "[create patch]" && res == "[events]")) {
 				t.Errorf("%s %s: rule %v is not limited by resourceNames", o["kind"], str(o, "metadata", "name"), r)
 			}
 		}
@@ -171,13 +172,33 @@ current-context: c
 	})
 	a.do(t, a.admin, "", "DELETE", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
 
+	// The first replica posts its Events on a Pod of the manifest's template (created for real;
+	// nothing runs it), through the RBAC of the manifest.
+	var self obj
+	for _, o := range readDocs(t, "manifests/injector.yaml") {
+		if o["kind"] == "Deployment" {
+			self = barePod(o, "podkeeper-injector-test")
+		}
+	}
+	self["metadata"].(obj)["namespace"] = ns
+	a.do(t, a.admin, "", "DELETE", "/api/v1/namespaces/"+ns+"/pods/podkeeper-injector-test?gracePeriodSeconds=0", nil)
+	r := a.do(t, a.admin, "", "POST", "/api/v1/namespaces/"+ns+"/pods", self)
+	if r.code != 201 || len(r.warnings) > 0 {
+		t.Fatalf("the injector's Pod: %d %v %s", r.code, r.warnings, r.body)
+	}
+	var selfOut obj
+	json.Unmarshal(r.body, &selfOut)
 	// Both replicas start at once: one creates the Secret, the other uses it.
-	for _, p := range procs {
+	for i, p := range procs {
 		p.cmd = exec.Command(bin, "-namespace", ns, "-listen", fmt.Sprintf("127.0.0.1:%d", p.port),
 			"-health-addr", fmt.Sprintf("127.0.0.1:%d", p.health), "-extra-sans", "127.0.0.1",
 			"-kubeconfig", kc, "-defaults-dir", defaults, "-failure-policy", "Fail", "-shutdown-delay", "0s",
 			"-check-every", "2s")
 		p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+		p.cmd.Env = os.Environ()
+		if i == 0 {
+			p.cmd.Env = append(p.cmd.Env, "POD_NAME=podkeeper-injector-test", "POD_UID="+str(selfOut, "metadata", "uid"))
+		}
 		if err := p.cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -217,7 +238,7 @@ current-context: c
 		t.Errorf("%d replicas created the Secret, want 1", created)
 	}
 	// The caBundle is the Secret's CA, set by the injector itself.
-	r := a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
+	r = a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
 	var sec struct{ Data map[string][]byte }
 	json.Unmarshal(r.body, &sec)
 	r = a.do(t, a.admin, "", "GET", "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"+mwcName, nil)
@@ -319,6 +340,25 @@ current-context: c
 	r, _ = create(pod("inject-all", obj{"podkeeper.io/store-prefix": "x"}), true)
 	if r.code/100 != 4 || !strings.Contains(string(r.body), "podkeeper.io/store-prefix") {
 		t.Fatalf("unknown annotation: %d %s", r.code, r.body)
+	}
+	// Each refused Pod: a Warning Event PodNotMutated on the injector's Pod.
+	for start := time.Now(); ; {
+		r := a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/events?fieldSelector=reason%3DPodNotMutated", nil)
+		var evs struct{ Items []obj }
+		json.Unmarshal(r.body, &evs)
+		if len(evs.Items) > 0 {
+			e := evs.Items[0]
+			if str(e, "involvedObject", "name") != "podkeeper-injector-test" || str(e, "type") != "Warning" ||
+				!strings.Contains(str(e, "message"), "inject-all/files-api-6b7c9d-") {
+				t.Fatalf("Event: %v", e)
+			}
+			t.Logf("Event %s x%v: %s", str(e, "reason"), get(e, "count"), str(e, "message"))
+			break
+		}
+		if time.Since(start) > 15*time.Second {
+			t.Fatalf("no PodNotMutated Event after 15s: %d %s", r.code, r.body)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	// 6. The Pod opts out of its namespace's injection.
 	r, out = create(pod("inject-all", obj{"podkeeper.io/inject": "false"}), true)
@@ -488,8 +528,12 @@ func TestInjectorCertManagerOverlay(t *testing.T) {
 	}
 	for _, o := range docs {
 		switch o["kind"] {
-		case "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding":
-			t.Errorf("%s %s kept: the injector needs no API rights with cert-manager", o["kind"], str(o, "metadata", "name"))
+		case "ClusterRole", "ClusterRoleBinding":
+			t.Errorf("%s %s kept: the injector needs no cluster rights with cert-manager", o["kind"], str(o, "metadata", "name"))
+		case "Role":
+			if fmt.Sprint(list(o, "rules")) != "[map[apiGroups:[] resources:[events] verbs:[create patch]]]" {
+				t.Errorf("Role with cert-manager: %v, want only events", list(o, "rules"))
+			}
 		}
 		if o["kind"] == "Deployment" {
 			for _, v := range violations(o) {
