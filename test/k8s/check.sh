@@ -9,13 +9,14 @@
 #  4. runs test/k8s's Go tests with PODKEEPER_K8S_API=1: bare-Pod dry-runs of every pod template (PSA
 #     rejects violations on Pods), RBAC with a real token of the agents' ServiceAccount, agents/kube
 #     posting Events and reading labels, the injector called by the apiserver over TLS
-#     (TestAPIInjector: caBundle set by the injector, Pods injected, latency p99 printed).
+#     (TestAPIInjector: caBundle set by the injector, Pods injected, latency p99 printed), and promtool
+#     on kustomize/monitoring's rules (TestMonitoringRules: check rules + rules_test.yaml).
 # Everything runs under a temp dir in .cache/k8s and is stopped (by PID) on exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 . "$ROOT/test/host-deps.sh"
-host_deps openssl:openssl bc:bc curl:curl python3:python3
+host_deps openssl:openssl bc:bc curl:curl python3:python3 promtool:prometheus
 "$ROOT/test/k8s/build.sh"
 BIN=$ROOT/.cache/k8s/bin
 mkdir -p "$ROOT/.cache/k8s/tmp"
@@ -180,6 +181,6 @@ dryrun "example files-api (remote, $ref)" "$R/example-files-api.yaml"
 
 # --- Go tests against the apiserver
 export PODKEEPER_K8S_API=1 PODKEEPER_K8S_RENDERED=$R PODKEEPER_K8S_KUBECONFIG=$KUBECONFIG
-go test -count=1 -v -run 'API' ./test/k8s/ 2>&1 | tee "$W/go-test.log" | grep -E '^(=== RUN|--- |\s+\w+_test.go|ok|FAIL|PASS)' || true
+go test -count=1 -v -run 'API|Monitoring' ./test/k8s/ 2>&1 | tee "$W/go-test.log" | grep -E '^(=== RUN|--- |\s+\w+_test.go|ok|FAIL|PASS)' || true
 grep -q '^ok' "$W/go-test.log" || { echo "k8s API tests failed (log: $W/go-test.log)"; KEEP=1; exit 1; }
 echo "k8s-check passed"
