@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -405,6 +406,46 @@ current-context: c
 	if p99 > 10*time.Millisecond {
 		t.Errorf("webhook p99 %v over the 10 ms target", p99)
 	}
+	// Rotation through the real API: the Secret's certificate replaced by a broken one (as if
+	// expired); within -check-every one replica renews it with a resourceVersion-conditional
+	// update, both serve the new one, and the apiserver keeps calling them.
+	r = a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
+	var full obj
+	json.Unmarshal(r.body, &full)
+	full["data"].(obj)["tls.crt"] = base64.StdEncoding.EncodeToString([]byte("not a certificate"))
+	if r = a.do(t, a.admin, "", "PUT", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", full); r.code != 200 {
+		t.Fatalf("break the Secret: %d %s", r.code, r.body)
+	}
+	served := func(port int) []byte {
+		conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{RootCAs: pool})
+		if err != nil {
+			return nil
+		}
+		defer conn.Close()
+		return conn.ConnectionState().PeerCertificates[0].Raw
+	}
+	for start := time.Now(); ; time.Sleep(200 * time.Millisecond) {
+		r = a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
+		var cur struct{ Data map[string][]byte }
+		json.Unmarshal(r.body, &cur)
+		certs, _ := x509.ParseCertificates(pemBlock(cur.Data["tls.crt"]))
+		if len(certs) == 1 && slices.Equal(served(procs[0].port), certs[0].Raw) && slices.Equal(served(procs[1].port), certs[0].Raw) {
+			break
+		}
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("no replica renewed the broken certificate within 20s (or they serve different ones)")
+		}
+	}
+	renewed := 0
+	for _, p := range procs {
+		renewed += strings.Count(p.log.String(), "rotated the serving certificate")
+	}
+	if renewed != 1 {
+		t.Errorf("%d replicas renewed the certificate, want 1", renewed)
+	}
+	r, out = create(pod("inject-all", obj{}), true)
+	expect("after the renewal", r, out, []string{"restore", "syncer", "logshipper"})
+
 	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", procs[1].health))
 	if err != nil {
 		t.Fatal(err)
@@ -541,4 +582,12 @@ func TestInjectorCertManagerOverlay(t *testing.T) {
 			}
 		}
 	}
+}
+
+func pemBlock(b []byte) []byte {
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil
+	}
+	return blk.Bytes
 }
