@@ -56,6 +56,9 @@ func Mutate(d Defaults, r Request) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	if s.perPodPrefix && controllerKind(r.Pod) != "StatefulSet" {
+		return Result{}, badAnn(AnnPerPodPrefix, "only for the Pods of a StatefulSet (stable names); this Pod's controller is %q", controllerKind(r.Pod))
+	}
 	spec, _ := r.Pod["spec"].(obj)
 	if spec == nil {
 		return Result{}, fmt.Errorf("the Pod has no spec")
@@ -79,6 +82,7 @@ func Mutate(d Defaults, r Request) (Result, error) {
 
 	var res Result
 	var inits, conts, newVols []any
+	var first any // restore, before the Pod's own init containers (podkeeper.io/restore-first)
 	for _, a := range s.agents {
 		if taken[a] {
 			continue
@@ -94,7 +98,9 @@ func Mutate(d Defaults, r Request) (Result, error) {
 				newVols = append(newVols, deepCopy(builtin.volumes[n]))
 			}
 		}
-		if a == "restore" || r.Native {
+		if a == "restore" && s.restoreFirst {
+			first = c
+		} else if a == "restore" || r.Native {
 			inits = append(inits, c)
 		} else {
 			conts = append(conts, c)
@@ -106,6 +112,13 @@ func Mutate(d Defaults, r Request) (Result, error) {
 		return res, nil
 	}
 	res.Patch = appendOps(res.Patch, spec, "/spec", "volumes", newVols)
+	if first != nil {
+		if l, ok := spec["initContainers"].([]any); ok && len(l) > 0 {
+			res.Patch = append(res.Patch, Op{Op: "add", Path: "/spec/initContainers/0", Value: first})
+		} else {
+			inits = append([]any{first}, inits...)
+		}
+	}
 	res.Patch = appendOps(res.Patch, spec, "/spec", "initContainers", inits)
 	res.Patch = appendOps(res.Patch, spec, "/spec", "containers", conts)
 
@@ -170,11 +183,14 @@ func container(agent string, s *settings, d Defaults, native bool) obj {
 	case "logshipper":
 		m0["name"], m0["mountPath"] = s.logsVolume, s.logsDir
 	}
-	if dirEnv != "" {
-		for _, e := range c["env"].([]any) {
-			if e.(obj)["name"] == dirEnv {
-				e.(obj)["value"] = s.uploadsDir
-			}
+	for _, e := range c["env"].([]any) {
+		e := e.(obj)
+		switch {
+		case dirEnv != "" && e["name"] == dirEnv:
+			e["value"] = s.uploadsDir
+		// components/per-pod-prefix: STORE_URL is $(PODKEEPER_STORE_URL)$(PODKEEPER_STORE_SUFFIX).
+		case s.perPodPrefix && e["name"] == "PODKEEPER_STORE_SUFFIX":
+			e["value"] = perPodSuffix
 		}
 	}
 	res := c["resources"].(obj)
@@ -205,6 +221,20 @@ func container(agent string, s *settings, d Defaults, native bool) obj {
 		c["image"] = img
 	}
 	return c
+}
+
+// perPodSuffix is components/per-pod-prefix's suffix (kustomize/components/per-pod-prefix/prefix.yaml).
+const perPodSuffix = "/$(POD_NAME)"
+
+func controllerKind(pod obj) string {
+	refs, _ := dig(pod, "metadata", "ownerReferences").([]any)
+	for _, r := range refs {
+		if c, _ := dig(r, "controller").(bool); c {
+			k, _ := dig(r, "kind").(string)
+			return k
+		}
+	}
+	return ""
 }
 
 func appendOps(ops []Op, parent obj, at, field string, items []any) []Op {

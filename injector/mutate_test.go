@@ -7,10 +7,12 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
+	"sigs.k8s.io/yaml"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/golden/*.json from the current output")
@@ -143,6 +145,11 @@ func cases() []tcase {
 		})},
 		{name: "ann-store-url-file", pod: pod(with(AnnStoreURL, "file:///mnt/store/files-api"))},
 		{name: "ann-store-url-beats-template", pod: pod(on), defaults: tmpl},
+		{name: "ann-per-pod-prefix-statefulset", pod: pod(with(AnnPerPodPrefix, "true"), owner("StatefulSet", "files-db"))},
+		{name: "ann-per-pod-prefix-classic", pod: pod(with(AnnPerPodPrefix, "true"), owner("StatefulSet", "files-db")), classic: true},
+		{name: "ann-restore-first", pod: pod(with(AnnRestoreFirst, "true"), initContainers(migrate, proxy))},
+		{name: "ann-restore-first-no-init-containers", pod: pod(with(AnnRestoreFirst, "true"))},
+		{name: "ann-restore-first-false", pod: pod(with(AnnRestoreFirst, "false"), initContainers(migrate))},
 		// platform defaults
 		{name: "defaults-images-resources-agents", pod: pod(on), defaults: map[string]string{
 			"agents": "restore,syncer", "syncer-image": "registry.example/podkeeper/syncer:v0.1.0",
@@ -165,6 +172,9 @@ func cases() []tcase {
 		{name: "bad-store-url-scheme", pod: pod(with(AnnStoreURL, "https://acme-files/x"))},
 		{name: "bad-store-url-no-bucket", pod: pod(with(AnnStoreURL, "s3:///x"))},
 		{name: "bad-store-url-missing", pod: pod(with(AnnStoreURL, "-"))},
+		{name: "bad-per-pod-prefix-deployment", pod: pod(with(AnnPerPodPrefix, "true"))},
+		{name: "bad-per-pod-prefix-value", pod: pod(with(AnnPerPodPrefix, "yes"), owner("StatefulSet", "files-db"))},
+		{name: "bad-restore-first-value", pod: pod(with(AnnRestoreFirst, "1"))},
 		{name: "bad-unknown-annotation", pod: pod(with(Prefix+"store-prefix", "s3://x/y"))},
 	}
 }
@@ -261,11 +271,20 @@ func checkApplied(t *testing.T, c tcase, orig obj, res Result) {
 	for k, v := range orig["spec"].(obj) {
 		switch k {
 		case "initContainers", "containers", "volumes":
-			// the host's items stay first, unchanged
+			// the host's items stay, unchanged and in their order; first unless restore-first
 			l := v.([]any)
 			ml := mutated["spec"].(obj)[k].([]any)
-			if !jsonEqual(l, ml[:len(l)]) {
+			var host []any
+			for _, x := range ml {
+				if n, _ := x.(obj)["name"].(string); !slices.Contains(res.Added, n) && !strings.HasPrefix(n, "podkeeper-") {
+					host = append(host, x)
+				}
+			}
+			if !jsonEqual(l, host) {
 				t.Errorf("spec.%s: the host's items changed", k)
+			}
+			if rf, _ := dig(orig, "metadata", "annotations", AnnRestoreFirst).(string); rf != "true" && !jsonEqual(l, ml[:len(l)]) {
+				t.Errorf("spec.%s: the host's items are not first", k)
 			}
 		default:
 			if !jsonEqual(v, mutated["spec"].(obj)[k]) {
@@ -374,5 +393,20 @@ func TestWorkload(t *testing.T) {
 		if got := Workload(p); got != want {
 			t.Errorf("Workload = %q, want %q", got, want)
 		}
+	}
+}
+
+// podkeeper.io/per-pod-prefix writes components/per-pod-prefix's suffix.
+func TestPerPodSuffixIsTheComponents(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "kustomize", "components", "per-pod-prefix", "prefix.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cm struct{ Data map[string]string }
+	if err := yaml.Unmarshal(b, &cm); err != nil {
+		t.Fatal(err)
+	}
+	if cm.Data["suffix"] != perPodSuffix {
+		t.Fatalf("components/per-pod-prefix uses %q, the injector %q", cm.Data["suffix"], perPodSuffix)
 	}
 }

@@ -23,11 +23,14 @@ const (
 	AnnLogsPath      = Prefix + "logs-path"      // where the logshipper mounts it
 	AnnStoreURL      = Prefix + "store-url"      // read by the agents (downward API)
 	AnnInjected      = Prefix + "injected"       // set by the injector: what it added
+	AnnPerPodPrefix  = Prefix + "per-pod-prefix" // "true": store prefix <store-url>/<Pod name> (StatefulSets)
+	AnnRestoreFirst  = Prefix + "restore-first"  // "true": restore before the Pod's own init containers
 )
 
 var knownAnnotations = map[string]bool{
 	AnnInject: true, AnnAgents: true, AnnUploadsVolume: true, AnnUploadsPath: true,
 	AnnLogsVolume: true, AnnLogsPath: true, AnnStoreURL: true, AnnInjected: true,
+	AnnPerPodPrefix: true, AnnRestoreFirst: true,
 }
 
 // Defaults are the platform team's settings (ConfigMap podkeeper-injector): the
@@ -125,6 +128,8 @@ type settings struct {
 	logsVolume, logsDir       string
 	storeURL                  string
 	storeFromTemplate         bool
+	perPodPrefix              bool
+	restoreFirst              bool
 }
 
 // Error is a refusal naming the annotation at fault.
@@ -202,6 +207,18 @@ func resolve(d Defaults, ann map[string]string, namespace, workload string) (*se
 		s.storeURL, s.storeFromTemplate = expand(t, namespace, workload), true
 		if err := checkStoreURL(s.storeURL); err != nil {
 			return nil, badAnn(AnnStoreURL, "from the default %q: %v", t, err)
+		}
+	}
+	for _, b := range []struct {
+		ann string
+		to  *bool
+	}{{AnnPerPodPrefix, &s.perPodPrefix}, {AnnRestoreFirst, &s.restoreFirst}} {
+		switch v, ok := ann[b.ann]; {
+		case !ok || v == "false":
+		case v == "true":
+			*b.to = true
+		default:
+			return nil, badAnn(b.ann, "%q is neither \"true\" nor \"false\"", v)
 		}
 	}
 	if s.storeURL == "" && (s.has("restore") || s.has("syncer")) {

@@ -476,8 +476,14 @@ func TestInjectorMatchesComponents(t *testing.T) {
 	for _, tc := range []struct {
 		component string
 		native    bool
-	}{{"agents", true}, {"classic-sidecars", false}} {
-		t.Run(tc.component, func(t *testing.T) {
+		extra     []string // more components, in this order
+		ann       obj      // the annotations that ask the injector for the same
+	}{
+		{"agents", true, nil, nil},
+		{"classic-sidecars", false, nil, nil},
+		{"agents", true, []string{"restore-first"}, obj{"podkeeper.io/restore-first": "true"}},
+	} {
+		t.Run(strings.Join(append([]string{tc.component}, tc.extra...), "+"), func(t *testing.T) {
 			dir := t.TempDir()
 			app, err := os.ReadFile(filepath.Join(root(), "kustomize", "examples", "files-api", "files-api.yaml"))
 			if err != nil {
@@ -486,6 +492,9 @@ func TestInjectorMatchesComponents(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, "files-api.yaml"), app, 0o644)
 			var b strings.Builder
 			fmt.Fprintf(&b, "resources:\n- files-api.yaml\n- %s\ncomponents:\n- %s\n", rel(dir, "base"), rel(dir, "components", tc.component))
+			for _, c := range tc.extra {
+				fmt.Fprintf(&b, "- %s\n", rel(dir, "components", c))
+			}
 			fmt.Fprintf(&b, "configMapGenerator:\n- name: podkeeper-attach\n  behavior: merge\n  literals:\n")
 			for k, v := range settings {
 				fmt.Fprintf(&b, "  - %s=%s\n", k, v)
@@ -504,7 +513,11 @@ func TestInjectorMatchesComponents(t *testing.T) {
 
 			orig := find(readDocs(t, "kustomize/examples/files-api/files-api.yaml"), "Deployment", "files-api")
 			pod := barePod(orig, "files-api-x")
-			pod["metadata"].(obj)["annotations"] = obj{"podkeeper.io/inject": "true", "podkeeper.io/store-url": "s3://b/files-api"}
+			ann := obj{"podkeeper.io/inject": "true", "podkeeper.io/store-url": "s3://b/files-api"}
+			for k, v := range tc.ann {
+				ann[k] = v
+			}
+			pod["metadata"].(obj)["annotations"] = ann
 			d, err := injector.ParseDefaults(settings)
 			if err != nil {
 				t.Fatal(err)
