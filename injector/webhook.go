@@ -39,6 +39,7 @@ type AdmissionRequest struct {
 	Name      string                                `json:"name"`
 	Operation string                                `json:"operation"`
 	Object    json.RawMessage                       `json:"object"`
+	DryRun    *bool                                 `json:"dryRun,omitempty"`
 }
 
 type AdmissionResponse struct {
@@ -148,7 +149,8 @@ func (w *Webhook) review(req *AdmissionRequest, nsOptIn bool) *AdmissionResponse
 		w.total.WithLabelValues(result).Inc()
 		w.Log.Warn("Pod not mutated", "namespace", req.Namespace, "pod", name, "workload", Workload(pod), "err", err, "refused", w.Reject)
 		msg := "podkeeper injector: " + err.Error()
-		if w.Events != nil {
+		// No Event for a dry run (the webhook declares sideEffects: None).
+		if w.Events != nil && (req.DryRun == nil || !*req.DryRun) {
 			what := "admitted without the agents"
 			if w.Reject {
 				what = "refused"

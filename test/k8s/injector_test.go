@@ -334,7 +334,8 @@ current-context: c
 			"securityContext": obj{"allowPrivilegeEscalation": false, "capabilities": obj{"drop": []any{"ALL"}}}}), true)
 	expect("own init containers", r, out, []string{"migrate", "proxy", "restore", "syncer", "logshipper"})
 	// 5. A bad annotation is refused (the injector runs with -failure-policy Fail) naming it.
-	r, _ = create(pod("inject-all", obj{"podkeeper.io/agents": "restore,backup"}), true)
+	// (Not a dry run: a dry run leaves no Event, the webhook declares sideEffects: None.)
+	r, _ = create(pod("inject-all", obj{"podkeeper.io/agents": "restore,backup"}), false)
 	if r.code/100 != 4 || !strings.Contains(string(r.body), "podkeeper.io/agents") {
 		t.Fatalf("bad podkeeper.io/agents: %d %s", r.code, r.body)
 	}
