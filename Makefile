@@ -13,7 +13,7 @@ FUZZTIME ?= 20s
 
 all: build
 
-build: ## the agents that exist, into bin/
+build: ## the agents that exist and the injector, into bin/
 	@mkdir -p bin
 	@for a in $(AGENTS); do \
 		$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/$$a ./cmd/$$a || exit 1; \

@@ -8,13 +8,15 @@
 #     server-side dry-run into its namespace (Pod Security "restricted" enforced): any warning fails;
 #  4. runs test/k8s's Go tests with PODKEEPER_K8S_API=1: bare-Pod dry-runs of every pod template (PSA
 #     rejects violations on Pods), RBAC with a real token of the agents' ServiceAccount, agents/kube
-#     posting Events and reading labels.
+#     posting Events and reading labels, the injector called by the apiserver over TLS
+#     (TestAPIInjector: caBundle set by the injector, Pods injected, latency p99 printed), and promtool
+#     on kustomize/monitoring's rules (TestMonitoringRules: check rules + rules_test.yaml).
 # Everything runs under a temp dir in .cache/k8s and is stopped (by PID) on exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 . "$ROOT/test/host-deps.sh"
-host_deps openssl:openssl bc:bc curl:curl python3:python3
+host_deps openssl:openssl bc:bc curl:curl python3:python3 promtool:prometheus
 "$ROOT/test/k8s/build.sh"
 BIN=$ROOT/.cache/k8s/bin
 mkdir -p "$ROOT/.cache/k8s/tmp"
@@ -114,8 +116,8 @@ K=("$BIN/kubectl")
 
 # --- render + server-side dry-run, zero warnings
 fail=0
-dryrun() { # name file
-  local name=$1 f=$2 ns objs nss
+dryrun() { # name file [file to apply for real, default: file]
+  local name=$1 f=$2 real=${3:-$2} ns objs nss
   objs=$("${K[@]}" create --dry-run=client -f "$f" -o jsonpath='{.kind}{" "}{.metadata.name}{" "}{.metadata.namespace}{"\n"}')
   nss=$(echo "$objs" | awk '$1 == "Namespace" { print $2 } $1 != "Namespace" && $3 != "" { print $3 }' | sort -u)
   for ns in $nss; do
@@ -142,13 +144,25 @@ dryrun() { # name file
   fi
   if [ -s "$W/err" ]; then echo "FAIL $name: warnings:"; cat "$W/err"; fail=1; return; fi
   # For real, so the bare-Pod checks find the ServiceAccount (no controllers run: nothing starts).
-  "${K[@]}" apply --server-side -f "$f" >/dev/null
+  "${K[@]}" apply --server-side -f "$real" >/dev/null
   echo "ok   $name: $(wc -l <"$W/out") objects accepted by server-side dry-run, 0 warnings"
 }
 R=$W/rendered; mkdir -p "$R"
 cat manifests/namespace.yaml >"$R/manifests.yaml"
-for f in manifests/*.yaml; do [ "$f" = manifests/namespace.yaml ] || { echo "---"; cat "$f"; } >>"$R/manifests.yaml"; done
+for f in manifests/*.yaml; do
+  case $f in manifests/namespace.yaml | manifests/injector*.yaml) ;; *) { echo "---"; cat "$f"; } >>"$R/manifests.yaml" ;; esac
+done
 dryrun manifests "$R/manifests.yaml"
+# The injector: all of it dry-run; for real all but its webhook configuration (which, with no
+# injector running, would hold up every Pod of the other checks). TestAPIInjector creates that one
+# pointed at injectors it runs on loopback.
+"${K[@]}" kustomize kustomize/injector >"$R/injector.yaml"
+python3 - "$R/injector.yaml" "$W/injector-apply.yaml" <<'PY'
+import sys
+docs = open(sys.argv[1]).read().split("\n---\n")
+open(sys.argv[2], "w").write("\n---\n".join(d for d in docs if "kind: MutatingWebhookConfiguration" not in d))
+PY
+dryrun injector "$R/injector.yaml" "$W/injector-apply.yaml"
 for d in kustomize/overlays/*/; do
   n=$(basename "$d")
   "${K[@]}" kustomize "$d" >"$R/overlay-$n.yaml"
@@ -167,6 +181,6 @@ dryrun "example files-api (remote, $ref)" "$R/example-files-api.yaml"
 
 # --- Go tests against the apiserver
 export PODKEEPER_K8S_API=1 PODKEEPER_K8S_RENDERED=$R PODKEEPER_K8S_KUBECONFIG=$KUBECONFIG
-go test -count=1 -v -run 'API' ./test/k8s/ 2>&1 | tee "$W/go-test.log" | grep -E '^(=== RUN|--- |\s+\w+_test.go|ok|FAIL|PASS)' || true
+go test -count=1 -v -run 'API|Monitoring' ./test/k8s/ 2>&1 | tee "$W/go-test.log" | grep -E '^(=== RUN|--- |\s+\w+_test.go|ok|FAIL|PASS)' || true
 grep -q '^ok' "$W/go-test.log" || { echo "k8s API tests failed (log: $W/go-test.log)"; KEEP=1; exit 1; }
 echo "k8s-check passed"

@@ -7,12 +7,12 @@
 #   - modules from the host's module cache (read-only volume, GOPROXY=off);
 #   - buildah's storage in .cache/k8s/buildah, never the system's.
 # Prints each image's size uncompressed and gzip-compressed (what a registry stores).
-# Env: VERSION (stamped, default git describe), TARGETS (default: restore syncer logshipper agents).
+# Env: VERSION (stamped, default git describe), TARGETS (default: restore syncer logshipper injector agents).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 VERSION=${VERSION:-$(git describe --tags --always --dirty 2>/dev/null || echo dev)}
-TARGETS=${TARGETS:-restore syncer logshipper agents}
+TARGETS=${TARGETS:-restore syncer logshipper injector agents}
 W=$ROOT/.cache/k8s/buildah
 mkdir -p "$W/root" "$W/run" "$W/out"
 rm -f "$W/out/sizes.txt.new"

@@ -15,7 +15,7 @@ w=$(stat -c %s "$T/with"); wo=$(stat -c %s "$T/without")
 printf 'agents/kube adds %.2f MiB to an agent (kit %.2f MiB -> %.2f MiB stripped)\n' \
   "$(echo "($w-$wo)/1048576" | bc -l)" "$(echo "$wo/1048576" | bc -l)" "$(echo "$w/1048576" | bc -l)"
 fail=0
-for b in bin/restore bin/syncer bin/logshipper; do
+for b in bin/restore bin/syncer bin/logshipper bin/injector; do
   [ -f "$b" ] || continue
   s=$(stat -c %s "$b")
   printf '%-16s %6.2f MiB (budget 20 MiB)\n' "$b" "$(echo "$s/1048576" | bc -l)"
