@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
@@ -118,6 +119,19 @@ func (r *Restorer) Run(ctx context.Context) (*Result, error) {
 	return res, nil
 }
 
+// probeWritable creates and removes a file in dir: before anything is
+// fetched, an emptyDir owned by another user fails with a clear error, not
+// midway with a bare "permission denied".
+func probeWritable(dir int) error {
+	name := fmt.Sprintf(".podkeeper-probe-%d", os.Getpid())
+	fd, err := unix.Openat(dir, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return err
+	}
+	unix.Close(fd)
+	return unix.Unlinkat(dir, name, 0)
+}
+
 func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	cfg := r.cfg
 	if r.st == nil {
@@ -134,6 +148,12 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	stateRel := cfg.stateRel()
 	if res, err := r.skipNotEmpty(stateRel, start); res != nil || err != nil {
 		return res, err
+	}
+	if err := probeWritable(t.root); err != nil {
+		if config.IsNotWritable(err) {
+			return nil, config.NotWritable("RESTORE_DIR", cfg.Dir, err)
+		}
+		return nil, fmt.Errorf("RESTORE_DIR: %w", err)
 	}
 	m, err := r.manifest(ctx, stateRel)
 	if err != nil {

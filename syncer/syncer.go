@@ -15,6 +15,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/health"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
@@ -96,6 +97,9 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 func (s *Syncer) Run(ctx context.Context) error {
 	s.health.SetLiveness(time.Minute)
 	if err := os.MkdirAll(s.up.journal, 0o700); err != nil {
+		if config.IsNotWritable(err) {
+			return config.NotWritable("SYNC_STATE_DIR", s.cfg.StateDir, err)
+		}
 		return fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
 	}
 	root, err := safefs.OpenRoot(s.cfg.Dir)

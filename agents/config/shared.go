@@ -1,6 +1,8 @@
 package config
 
 import (
+	"io/fs"
+	"syscall"
 	"crypto/x509"
 	"errors"
 	"net/url"
@@ -160,4 +162,22 @@ func (s *Store) parseURL(errs *Error) {
 	default:
 		errs.Add("STORE_URL", shown, "scheme must be s3:// or file://")
 	}
+}
+
+// NotWritable is the error for a directory an agent must write and may not:
+// a configuration error (exit 2) naming the variable, saying whom the agent
+// runs as and the usual fix, instead of a bare "permission denied".
+func NotWritable(variable, path string, err error) error {
+	groups, _ := os.Getgroups()
+	e := &Error{}
+	e.Add(variable, path, "is not writable by this agent (uid %d, gid %d, groups %v): %v; the agents run as their own user "+
+		"(65532 in podkeeper's manifests): give them write access with the Pod's fsGroup or a group-writable volume "+
+		"(docs/kubernetes.md, \"Users, groups, fsGroup\")", os.Getuid(), os.Getgid(), groups, err)
+	return e
+}
+
+// IsNotWritable reports whether err is a refusal to write (permissions, a
+// read-only filesystem) rather than a fault.
+func IsNotWritable(err error) bool {
+	return errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS)
 }
