@@ -15,7 +15,6 @@
 package bench
 
 import (
-	"context"
 	"crypto/rand"
 	"fmt"
 	"net/http"
@@ -25,7 +24,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -163,7 +161,7 @@ func TestBenchLatency(t *testing.T) {
 				})
 				for _, c := range []int{16, 64} {
 					add(cs, fmt.Sprintf("raw SDK PutObject x %d, syncer's metadata", c), func(round int) (time.Duration, int64) {
-						return latPut(t, latClient(ep, c), pfx(fmt.Sprintf("sdk%d", c), round), srcDir, c), 0
+						return syncerRawSmall(t, latClient(ep, c), pfx(fmt.Sprintf("sdk%d", c), round), srcDir, true, c), 0
 					})
 				}
 			}
@@ -260,51 +258,4 @@ func latRclone(t *testing.T, ep, src, dst string, transfers, want int) (time.Dur
 		}
 	}
 	return d, rss()
-}
-
-// latPut uploads every file of dir under prefix/data/ with conc goroutines,
-// each object with the syncer's three metadata headers.
-func latPut(t *testing.T, c *s3.Client, prefix, dir string, conc int) time.Duration {
-	t.Helper()
-	var paths []string
-	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.Type().IsRegular() {
-			paths = append(paths, p)
-		}
-		return nil
-	})
-	start := time.Now()
-	ch := make(chan string)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var firstErr error
-	for range conc {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for p := range ch {
-				b, err := os.ReadFile(p)
-				if err == nil {
-					rel, _ := filepath.Rel(dir, p)
-					_, err = c.PutObject(context.Background(), &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/data/" + rel),
-						Body: strings.NewReader(string(b)), ContentLength: aws.Int64(int64(len(b))), ContentType: aws.String("application/octet-stream"),
-						Metadata: map[string]string{"sha256": strings.Repeat("ab", 32), "mtime": time.Now().UTC().Format(time.RFC3339Nano), "mode": "0644"}})
-				}
-				if err != nil {
-					mu.Lock()
-					firstErr = err
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	for _, p := range paths {
-		ch <- p
-	}
-	close(ch)
-	wg.Wait()
-	if firstErr != nil {
-		t.Fatal(firstErr)
-	}
-	return time.Since(start)
 }

@@ -89,8 +89,8 @@ func TestBenchSyncer(t *testing.T) {
 			runsBase = append(runsBase, d)
 		}
 		runsRclone = append(runsRclone, syncerRclone(t, srv, fmt.Sprintf("a%d-rclone", round), small))
-		runsSDK = append(runsSDK, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk", round), small, false))
-		runsSDKMeta = append(runsSDKMeta, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk-meta", round), small, true))
+		runsSDK = append(runsSDK, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk", round), small, false, 16))
+		runsSDKMeta = append(runsSDKMeta, syncerRawSmall(t, client, fmt.Sprintf("a%d-sdk-meta", round), small, true, 16))
 	}
 	syncerA, rcloneA, sdkA, sdkMetaA := syncerMedian(runsSyncer), syncerMedian(runsRclone), syncerMedian(runsSDK), syncerMedian(runsSDKMeta)
 	t.Logf("(a) rounds: syncer %v, baseline %v, rclone %v, SDK %v, SDK+meta %v", runsSyncer, runsBase, runsRclone, runsSDK, runsSDKMeta)
@@ -268,10 +268,10 @@ func syncerRclone(t *testing.T, srv *peers.S3Server, prefix, dir string) time.Du
 	return time.Since(start)
 }
 
-// syncerRawSmall puts every file with 16 goroutines; with meta, each object
+// syncerRawSmall puts every file with conc goroutines; with meta, each object
 // carries the same three metadata headers and content type as the syncer's
 // (versitygw stores them as xattrs, which costs per object).
-func syncerRawSmall(t *testing.T, c *s3.Client, prefix, dir string, meta bool) time.Duration {
+func syncerRawSmall(t *testing.T, c *s3.Client, prefix, dir string, meta bool, conc int) time.Duration {
 	t.Helper()
 	var paths []string
 	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
@@ -285,7 +285,7 @@ func syncerRawSmall(t *testing.T, c *s3.Client, prefix, dir string, meta bool) t
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var firstErr error
-	for range 16 {
+	for range conc {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
