@@ -38,13 +38,7 @@ type Request struct {
 // A *Error names the annotation at fault.
 func Mutate(d Defaults, r Request) (Result, error) {
 	meta, _ := r.Pod["metadata"].(obj)
-	ann := map[string]string{}
-	if m, ok := dig(meta, "annotations").(obj); ok {
-		for k, v := range m {
-			s, _ := v.(string)
-			ann[k] = s
-		}
-	}
+	ann := annotations(meta)
 	want, err := wanted(ann, r.NSOptIn)
 	if err != nil {
 		return Result{}, err
@@ -63,74 +57,113 @@ func Mutate(d Defaults, r Request) (Result, error) {
 	if spec == nil {
 		return Result{}, fmt.Errorf("the Pod has no spec")
 	}
-	taken := map[string]bool{}
-	for _, f := range []string{"initContainers", "containers", "ephemeralContainers"} {
-		l, _ := spec[f].([]any)
-		for _, c := range l {
-			if n, ok := dig(c, "name").(string); ok {
-				taken[n] = true
-			}
-		}
+	add, err := agentsToAdd(s, d, r.Native, spec)
+	if err != nil {
+		return Result{}, err
 	}
-	vols := map[string]bool{}
-	vl, _ := spec["volumes"].([]any)
-	for _, v := range vl {
-		if n, ok := dig(v, "name").(string); ok {
-			vols[n] = true
-		}
+	if len(add.names) == 0 {
+		return Result{Reason: "already injected"}, nil
 	}
+	res := Result{Added: add.names}
+	res.Patch = add.ops(spec)
+	res.Patch = append(res.Patch, annotationOps(meta, ann, s, add.names, r.Native)...)
+	return res, nil
+}
 
-	var res Result
-	var inits, conts, newVols []any
-	var first any // restore, before the Pod's own init containers (podkeeper.io/restore-first)
-	for _, a := range s.agents {
-		if taken[a] {
+func annotations(meta obj) map[string]string {
+	ann := map[string]string{}
+	if m, ok := dig(meta, "annotations").(obj); ok {
+		for k, v := range m {
+			s, _ := v.(string)
+			ann[k] = s
+		}
+	}
+	return ann
+}
+
+// additions are the containers and volumes the Pod lacks, by where they go.
+type additions struct {
+	names              []string
+	inits, conts, vols []any
+	first              any // restore, before the Pod's own init containers (podkeeper.io/restore-first)
+}
+
+// agentsToAdd builds the requested agents the Pod does not have yet (by
+// container name: reinvocation and already injected Pods get no second copy)
+// and the podkeeper-* volumes they mount.
+func agentsToAdd(s *settings, d Defaults, native bool, spec obj) (additions, error) {
+	taken := names(spec, "initContainers", "containers", "ephemeralContainers")
+	vols := names(spec, "volumes")
+	var a additions
+	for _, agent := range s.agents {
+		if taken[agent] {
 			continue
 		}
-		c := container(a, s, d, r.Native)
-		if err := needVolumes(a, s, vols); err != nil {
-			return Result{}, err
+		c := container(agent, s, d, native)
+		if err := needVolumes(agent, s, vols); err != nil {
+			return additions{}, err
 		}
 		for _, m := range c["volumeMounts"].([]any) {
 			n := m.(obj)["name"].(string)
 			if strings.HasPrefix(n, "podkeeper-") && !vols[n] {
 				vols[n] = true
-				newVols = append(newVols, deepCopy(builtin.volumes[n]))
+				a.vols = append(a.vols, deepCopy(builtin.volumes[n]))
 			}
 		}
-		if a == "restore" && s.restoreFirst {
-			first = c
-		} else if a == "restore" || r.Native {
-			inits = append(inits, c)
-		} else {
-			conts = append(conts, c)
+		switch {
+		case agent == "restore" && s.restoreFirst:
+			a.first = c
+		case agent == "restore" || native:
+			a.inits = append(a.inits, c)
+		default:
+			a.conts = append(a.conts, c)
 		}
-		res.Added = append(res.Added, a)
+		a.names = append(a.names, agent)
 	}
-	if len(res.Added) == 0 {
-		res.Reason = "already injected"
-		return res, nil
-	}
-	res.Patch = appendOps(res.Patch, spec, "/spec", "volumes", newVols)
-	if first != nil {
-		if l, ok := spec["initContainers"].([]any); ok && len(l) > 0 {
-			res.Patch = append(res.Patch, Op{Op: "add", Path: "/spec/initContainers/0", Value: first})
-		} else {
-			inits = append([]any{first}, inits...)
-		}
-	}
-	res.Patch = appendOps(res.Patch, spec, "/spec", "initContainers", inits)
-	res.Patch = appendOps(res.Patch, spec, "/spec", "containers", conts)
+	return a, nil
+}
 
+// names collects the names of the entries of spec's lists fields.
+func names(spec obj, fields ...string) map[string]bool {
+	out := map[string]bool{}
+	for _, f := range fields {
+		l, _ := spec[f].([]any)
+		for _, e := range l {
+			if n, ok := dig(e, "name").(string); ok {
+				out[n] = true
+			}
+		}
+	}
+	return out
+}
+
+// ops are the JSON patch operations that add a's volumes and containers.
+func (a additions) ops(spec obj) []Op {
+	ops := appendOps(nil, spec, "/spec", "volumes", a.vols)
+	inits := a.inits
+	if a.first != nil {
+		if l, ok := spec["initContainers"].([]any); ok && len(l) > 0 {
+			ops = append(ops, Op{Op: "add", Path: "/spec/initContainers/0", Value: a.first})
+		} else {
+			inits = append([]any{a.first}, inits...)
+		}
+	}
+	ops = appendOps(ops, spec, "/spec", "initContainers", inits)
+	return appendOps(ops, spec, "/spec", "containers", a.conts)
+}
+
+// annotationOps record what was injected (and the store URL a template
+// produced) on the Pod.
+func annotationOps(meta obj, ann map[string]string, s *settings, added []string, native bool) []Op {
 	add := map[string]string{}
 	if s.storeFromTemplate && s.storeURL != "" {
 		add[AnnStoreURL] = s.storeURL
 	}
 	mode := "native"
-	if !r.Native {
+	if !native {
 		mode = "classic"
 	}
-	done := res.Added
+	done := added
 	if prev := ann[AnnInjected]; prev != "" {
 		done = append([]string{strings.SplitN(prev, " ", 2)[0]}, done...)
 	}
@@ -140,15 +173,15 @@ func Mutate(d Defaults, r Request) (Result, error) {
 		for k, v := range add {
 			m[k] = v
 		}
-		res.Patch = append(res.Patch, Op{Op: "add", Path: "/metadata/annotations", Value: m})
-	} else {
-		for _, k := range []string{AnnStoreURL, AnnInjected} {
-			if v, ok := add[k]; ok {
-				res.Patch = append(res.Patch, Op{Op: "add", Path: "/metadata/annotations/" + escape(k), Value: v})
-			}
+		return []Op{{Op: "add", Path: "/metadata/annotations", Value: m}}
+	}
+	var ops []Op
+	for _, k := range []string{AnnStoreURL, AnnInjected} {
+		if v, ok := add[k]; ok {
+			ops = append(ops, Op{Op: "add", Path: "/metadata/annotations/" + escape(k), Value: v})
 		}
 	}
-	return res, nil
+	return ops
 }
 
 // needVolumes refuses a mount of a volume the Pod does not have: the API would
