@@ -51,6 +51,7 @@ func TestSyncer(t *testing.T) {
 					"retention-delete":      testRetentionDelete,
 					"conflicts":             testConflicts,
 					"poll-shared":           testPollShared,
+					"swap-parent-for-link":  testSwapParentForLink,
 				} {
 					t.Run(name, func(t *testing.T) {
 						t.Parallel()
