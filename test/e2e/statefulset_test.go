@@ -11,10 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/s3"
-
+	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
+	"github.com/podkeeper/podkeeper/agents/store"
+	_ "github.com/podkeeper/podkeeper/agents/store/backends"
 	"github.com/podkeeper/podkeeper/test/peers"
 )
 
@@ -34,7 +34,7 @@ var (
 
 // TestStatefulSetLifecycle is the main scenario on the real StatefulSet overlay:
 // first start on an empty prefix, files and log lines shipped, pod deletion (app stopped before
-// the sidecars, final snapshot, every line delivered), and the StatefulSet's new upload-sts-0
+// the sidecars, every file acknowledged in the change log, every line delivered), and the StatefulSet's new upload-sts-0
 // getting every file back byte-identical before its app starts, with nothing uploaded again.
 func TestStatefulSetLifecycle(t *testing.T) {
 	needAgents(t)
@@ -95,7 +95,7 @@ func lifecycle(t *testing.T, nsName, overlay, selector, prefix string) {
 	phase(t, fmt.Sprintf(overlay+": %d log lines at the receiver", nLines), start)
 	before := listObjects(t, s, overlayBucket, prefix+"data/")
 
-	// 3. Delete the pod: SIGTERM to the app first, then the sidecars; final snapshot; every line delivered.
+	// 3. Delete the pod: SIGTERM to the app first, then the sidecars; every file in the change log; every line delivered.
 	start = time.Now()
 	fApp, fSync, fShip := n.follow(pod, "app"), n.follow(pod, "syncer"), n.follow(pod, "logshipper")
 	n.waitFor(20*time.Second, "log streams attached", func() error {
@@ -117,17 +117,17 @@ func lifecycle(t *testing.T, nsName, overlay, selector, prefix string) {
 	if !reDrained.MatchString(syncOut) {
 		t.Errorf("syncer did not report a complete drain:\n%s", syncOut)
 	}
-	m := latestSnapshot(t, s, prefix)
+	m := latestState(t, s, prefix)
 	var inSnap []string
 	for _, f := range m.Files {
 		inSnap = append(inSnap, f.SHA256+"  "+f.Path)
 	}
 	sort.Strings(inSnap)
 	if d := diff(inSnap, written); d != "" {
-		t.Errorf("final snapshot %s vs files written: %s", m.ID, d)
+		t.Errorf("restorable state (checkpoint + change log) vs files written: %s", d)
 	}
 	n.waitLines(recv, "b1", nLines, pod)
-	phase(t, overlay+": delete -> app, sidecars stopped, final snapshot "+m.ID, start)
+	phase(t, overlay+": delete -> app, sidecars stopped, every file in the change log", start)
 
 	// 4. The StatefulSet brings upload-sts-0 back: every file restored byte-identical before the app starts.
 	start = time.Now()
@@ -255,22 +255,22 @@ func (n *ns) waitLines(recv *peers.LogReceiver, batch string, want int, pod stri
 	}
 }
 
-// latestSnapshot reads the newest manifest under prefix straight from S3.
-func latestSnapshot(t *testing.T, s *peers.S3Server, prefix string) *snapshot.Manifest {
+// latestState is what a restore started now would bring back: the fold of the
+// prefix's change log (newest checkpoint + every batch after it), read straight
+// from S3. The syncer acknowledges an upload only once its batch is stored, so
+// after a clean drain every file is in it, whether or not a checkpoint was written.
+func latestState(t *testing.T, s *peers.S3Server, prefix string) *snapshot.Manifest {
 	t.Helper()
-	keys := keysWithPrefix(listObjects(t, s, overlayBucket, prefix+"snapshots/"), prefix+"snapshots/")
-	if len(keys) == 0 {
-		t.Fatalf("no snapshot under %s", prefix)
-	}
-	last := keys[len(keys)-1]
-	obj, err := s.Client().GetObject(context.Background(), &s3.GetObjectInput{Bucket: aws.String(overlayBucket), Key: aws.String(prefix + "snapshots/" + last)})
+	c := s.StoreConfig(t, "x")
+	c.Bucket, c.Prefix = overlayBucket, strings.TrimSuffix(prefix, "/")
+	c.URL = "s3://" + c.Bucket + "/" + c.Prefix
+	st, err := store.Open(context.Background(), c, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer obj.Body.Close()
-	m, err := snapshot.Decode(obj.Body)
+	m, err := changelog.Fold(context.Background(), st, time.Time{})
 	if err != nil {
-		t.Fatalf("snapshot %s: %v", last, err)
+		t.Fatalf("fold of %s: %v", prefix, err)
 	}
 	return m
 }
