@@ -1,15 +1,15 @@
 package config
 
 import (
-	"io/fs"
-	"syscall"
 	"crypto/x509"
 	"errors"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 )
 
 // Base holds the variables every agent reads. Agents include it as a named
