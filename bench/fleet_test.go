@@ -83,7 +83,7 @@ type fleetPrefix struct {
 // through the store API) and the final content of every live path (raw SDK
 // PutObject, 16 bytes each, no metadata: restore checks what it fetched against
 // the fold's sha256 and size, not against object metadata).
-func fleetBuildPrefix(t *testing.T, srv *peers.S3Server, c *s3.Client, st store.Store, prefix string, n int) fleetPrefix {
+func fleetBuildPrefix(t *testing.T, c *s3.Client, st store.Store, prefix, flat string, n int) fleetPrefix {
 	t.Helper()
 	ctx := context.Background()
 	start := time.Now()
@@ -138,7 +138,23 @@ func fleetBuildPrefix(t *testing.T, srv *peers.S3Server, c *s3.Client, st store.
 	}
 	fp.files = len(final)
 
-	// The data objects, 32 PUTs at a time.
+	// The same files as one plain snapshot under flat: the restore that reads
+	// no log, to compare with.
+	fm := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(now, "flat"), Created: now,
+		Writer: snapshot.Writer{Namespace: "bench", Pod: "flat"}, Files: make([]snapshot.File, 0, len(final))}
+	for _, f := range m.Files {
+		if data, ok := final[f.Path]; ok {
+			fm.Files = append(fm.Files, fleetFileEntry(f.Path, data, base))
+		}
+	}
+	for p, data := range final {
+		if strings.HasPrefix(p, "new/") {
+			fm.Files = append(fm.Files, fleetFileEntry(p, data, base))
+		}
+	}
+	restorePutManifest(t, c, flat, fm)
+
+	// The data objects of both prefixes, 32 PUTs at a time.
 	work := make(chan string)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -149,8 +165,13 @@ func fleetBuildPrefix(t *testing.T, srv *peers.S3Server, c *s3.Client, st store.
 			defer wg.Done()
 			for p := range work {
 				data := final[p]
-				_, err := c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(prefix + "/" + snapshot.DataKey(p)),
-					Body: bytes.NewReader(data), ContentLength: aws.Int64(int64(len(data)))})
+				var err error
+				for _, pre := range []string{prefix, flat} {
+					if err == nil {
+						_, err = c.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(peers.Bucket), Key: aws.String(pre + "/" + snapshot.DataKey(p)),
+							Body: bytes.NewReader(data), ContentLength: aws.Int64(int64(len(data)))})
+					}
+				}
 				if err != nil {
 					mu.Lock()
 					firstErr = err
@@ -182,10 +203,11 @@ type fleetRestoreSample struct {
 // (logged after the fold and the plan against the directory, before the first
 // fetch); peak RSS is /usr/bin/time's maximum resident set of the restore
 // process alone (restoreTimed).
-func fleetRestore(t *testing.T, bin string, srv *peers.S3Server, prefix, dir string) fleetRestoreSample {
+func fleetRestore(t *testing.T, bin string, srv *peers.S3Server, prefix, dir string, extraEnv ...string) fleetRestoreSample {
 	t.Helper()
 	cmd, rss := restoreTimed(t, bin)
 	cmd.Env = append(srv.AgentEnv(prefix), "RESTORE_DIR="+dir, "RESTORE_CONCURRENCY=16", "LOG_LEVEL=info", "LOG_FORMAT=json", "PATH="+os.Getenv("PATH"))
+	cmd.Env = append(cmd.Env, extraEnv...)
 	pr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -234,13 +256,25 @@ func TestBenchFleet(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("(1) writing a %d-file checkpoint, %d batches and the data objects ...", n, fleetBatches)
-	fp := fleetBuildPrefix(t, srv, c, st, "big", n)
+	fp := fleetBuildPrefix(t, c, st, "big", "flat", n)
 	t.Logf("(1) setup: %s (%.0f objects/s)", fp.setup.Round(time.Millisecond), float64(fp.files)/fp.setup.Seconds())
 	restoreBin := agentBin(t, "restore")
-	var samples []fleetRestoreSample
+	// Each round: the fold in this process, the restore of the prefix (the
+	// fold), and the restore of the same files as one plain snapshot (no log
+	// to read: what the fold adds to planning and memory).
+	var samples, cpSamples []fleetRestoreSample
+	restoreInto := func(prefix string, want int) fleetRestoreSample {
+		dir := filepath.Join(t.TempDir(), "dst")
+		syscall.Sync()
+		s := fleetRestore(t, restoreBin, srv, prefix, dir)
+		// restoreCount counts .podkeeper/restored.json too.
+		if got := restoreCount(t, dir) - restoreCount(t, filepath.Join(dir, ".podkeeper")); got != want {
+			t.Fatalf("restored %d files, want %d", got, want)
+		}
+		os.RemoveAll(dir)
+		return s
+	}
 	for round := range rounds {
-		// The fold alone, in this process, as restore runs it (list, the
-		// checkpoint, the batches after it, the fold into a manifest).
 		fs := time.Now()
 		m, err := changelog.Fold(ctx, st, time.Time{})
 		if err != nil {
@@ -250,17 +284,14 @@ func TestBenchFleet(t *testing.T) {
 		if len(m.Files) != fp.files {
 			t.Fatalf("fold has %d files, want %d", len(m.Files), fp.files)
 		}
-		dir := filepath.Join(t.TempDir(), "dst")
-		syscall.Sync()
-		s := fleetRestore(t, restoreBin, srv, "big", dir)
+		m = nil
+		s := restoreInto("big", fp.files)
 		s.fold = fold
-		// restoreCount counts .podkeeper/restored.json too.
-		if got := restoreCount(t, dir) - restoreCount(t, filepath.Join(dir, ".podkeeper")); got != fp.files {
-			t.Fatalf("restored %d files, want %d", got, fp.files)
-		}
-		os.RemoveAll(dir)
 		samples = append(samples, s)
-		t.Logf("(1) round %d: fold in-process %s, plan %s, total %s, peak RSS %d MiB", round+1, s.fold, s.plan, s.total, s.rss/1024)
+		cs := restoreInto("flat", fp.files)
+		cpSamples = append(cpSamples, cs)
+		t.Logf("(1) round %d: fold in-process %s; latest: plan %s, total %s, peak RSS %d MiB; plain snapshot: plan %s, total %s, peak RSS %d MiB",
+			round+1, s.fold, s.plan, s.total, s.rss/1024, cs.plan, cs.total, cs.rss/1024)
 	}
 
 	// (2) 3 syncers on one prefix vs 1 syncer, the same files
@@ -300,39 +331,49 @@ func TestBenchFleet(t *testing.T) {
 		t.Logf("(2) round %d: 1 syncer %s, %d syncers %s", round+1, d, fleetSyncers, d3)
 	}
 
-	med := func(f func(fleetRestoreSample) time.Duration) time.Duration {
-		var d []time.Duration
-		for _, s := range samples {
-			d = append(d, f(s))
-		}
-		return syncerMedian(d)
-	}
-	var maxRSS int64
-	for _, s := range samples {
-		maxRSS = max(maxRSS, s.rss)
-	}
-	planM, totalM, foldM := med(func(s fleetRestoreSample) time.Duration { return s.plan }), med(func(s fleetRestoreSample) time.Duration { return s.total }),
-		med(func(s fleetRestoreSample) time.Duration { return s.fold })
 	oneM, threeM := syncerMedian(one), syncerMedian(three)
 	rate := func(d time.Duration) float64 { return float64(total) / d.Seconds() }
+	secs := func(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }
+	// cell is the median of one measure over ss with every round in brackets.
+	cell := func(ss []fleetRestoreSample, f func(fleetRestoreSample) time.Duration) string {
+		var d []time.Duration
+		for _, s := range ss {
+			d = append(d, f(s))
+		}
+		return secs(syncerMedian(d)) + " (" + fleetDurs(d) + ")"
+	}
+	rssCell := func(ss []fleetRestoreSample) string {
+		var all []string
+		var top int64
+		for _, s := range ss {
+			all = append(all, strconv.FormatInt(s.rss/1024, 10))
+			top = max(top, s.rss)
+		}
+		return fmt.Sprintf("%d MiB (%s)", top/1024, strings.Join(all, ", "))
+	}
+	rateCell := func(ss []fleetRestoreSample, files int) string {
+		var d []time.Duration
+		for _, s := range ss {
+			d = append(d, s.total)
+		}
+		return fmt.Sprintf("%.0f", float64(files)/syncerMedian(d).Seconds())
+	}
+	plan := func(s fleetRestoreSample) time.Duration { return s.plan }
+	tot := func(s fleetRestoreSample) time.Duration { return s.total }
 	var out strings.Builder
-	fmt.Fprintf(&out, "\nmany-writer benchmarks on %s (loopback, %s), median of %d rounds\n\n", benchS3(), time.Now().UTC().Format("2006-01-02"), rounds)
+	fmt.Fprintf(&out, "\nmany-writer benchmarks on %s (loopback, %s), medians of %d rounds (every round in brackets)\n\n", benchS3(), time.Now().UTC().Format("2006-01-02"), rounds)
 	fmt.Fprintf(&out, "(1) restore of a checkpoint of %d files + %d batches × %d changes (%d overwrites, %d new, %d deletions) = %d live files of 16 B; setup %.0f s\n\n",
 		fp.checkpoint, fleetBatches, fleetBatchChanges, fp.overwrites, fp.added, fp.deleted, fp.files, fp.setup.Seconds())
-	fmt.Fprintf(&out, "| measure | median | rounds |\n|---|---|---|\n")
-	list := func(f func(fleetRestoreSample) string) string {
-		var s []string
-		for _, x := range samples {
-			s = append(s, f(x))
-		}
-		return strings.Join(s, ", ")
-	}
-	secs := func(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }
-	fmt.Fprintf(&out, "| changelog.Fold in the test process (list + checkpoint + %d batches + fold) | %s | %s |\n", fleetBatches, secs(foldM), list(func(s fleetRestoreSample) string { return secs(s.fold) }))
-	fmt.Fprintf(&out, "| restore binary: start → \"plan\" logged (fold + plan, before the first fetch) | %s | %s |\n", secs(planM), list(func(s fleetRestoreSample) string { return secs(s.plan) }))
-	fmt.Fprintf(&out, "| restore binary: total (%s files fetched, syncfs, restored.json) | %s, %.0f files/s | %s |\n", samples[0].fetch, secs(totalM), float64(fp.files)/totalM.Seconds(), list(func(s fleetRestoreSample) string { return secs(s.total) }))
-	fmt.Fprintf(&out, "| restore binary: peak RSS (/usr/bin/time %%M) | %d MiB (max) | %s |\n", maxRSS/1024, list(func(s fleetRestoreSample) string { return fmt.Sprintf("%d MiB", s.rss/1024) }))
-	fmt.Fprintf(&out, "\nplanning share of the restore: %.2f\n", planM.Seconds()/totalM.Seconds())
+	fmt.Fprintf(&out, "| measure | checkpoint + %d batches (%d files) | the same files as one plain snapshot, no log |\n|---|---|---|\n", fleetBatches, fp.files)
+	fmt.Fprintf(&out, "| changelog.Fold in the test process (list + checkpoint + batches) | %s | - |\n", cell(samples, func(s fleetRestoreSample) time.Duration { return s.fold }))
+	fmt.Fprintf(&out, "| planning: restore start → \"plan\" logged (before the first fetch) | %s | %s |\n", cell(samples, plan), cell(cpSamples, plan))
+	fmt.Fprintf(&out, "| total: restore start → exit (all fetched, syncfs, restored.json) | %s | %s |\n", cell(samples, tot), cell(cpSamples, tot))
+	fmt.Fprintf(&out, "| files/s (median total) | %s | %s |\n", rateCell(samples, fp.files), rateCell(cpSamples, fp.files))
+	fmt.Fprintf(&out, "| peak RSS of the restore process (/usr/bin/time %%M), max (rounds) | %s | %s |\n", rssCell(samples), rssCell(cpSamples))
+	fmt.Fprintf(&out, "\nplanning / total: with the log %.3f, plain snapshot %.3f; planning with the log / plain snapshot = %.2f\n",
+		syncerMedian(fleetPick(samples, plan)).Seconds()/syncerMedian(fleetPick(samples, tot)).Seconds(),
+		syncerMedian(fleetPick(cpSamples, plan)).Seconds()/syncerMedian(fleetPick(cpSamples, tot)).Seconds(),
+		syncerMedian(fleetPick(samples, plan)).Seconds()/syncerMedian(fleetPick(cpSamples, plan)).Seconds())
 	fmt.Fprintf(&out, "\n(2) %d files of 4 KiB uploaded to one prefix, SYNC_SETTLE=0, SYNC_CONCURRENCY=16 each; time from start until every file is acknowledged (uploads_total{result=\"ok\"}, counted after its batch is stored)\n\n", total)
 	fmt.Fprintf(&out, "| writers | median | files/s | rounds |\n|---|---|---|---|\n")
 	fmt.Fprintf(&out, "| 1 syncer × %d files | %s | %.0f | %s |\n", total, secs(oneM), rate(oneM), fleetDurs(one))
@@ -340,6 +381,14 @@ func TestBenchFleet(t *testing.T) {
 	fmt.Fprintf(&out, "\naggregate rate, %d syncers / 1 syncer = %.2f\n", fleetSyncers, rate(threeM)/rate(oneM))
 	fmt.Print(out.String())
 	t.Log(out.String())
+}
+
+func fleetPick(ss []fleetRestoreSample, f func(fleetRestoreSample) time.Duration) []time.Duration {
+	var d []time.Duration
+	for _, s := range ss {
+		d = append(d, f(s))
+	}
+	return d
 }
 
 func fleetDurs(d []time.Duration) string {
@@ -362,15 +411,21 @@ func fleetSyncRun(t *testing.T, bin string, srv *peers.S3Server, prefix string, 
 		procs[i] = syncerStart(t, bin, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16",
 			fmt.Sprintf("POD_NAME=bench-%d", i), fmt.Sprintf("POD_UID=%s-%d", prefix, i))
 	}
+	done := make([]time.Duration, len(procs)) // when each had acknowledged all of its files
 	err := peers.WaitFor(context.Background(), 10*time.Minute, func() error {
 		for i, p := range procs {
+			if done[i] != 0 {
+				continue
+			}
 			if v := p.metric(`podkeeper_syncer_uploads_total{result="ok"}`); v < float64(perSyncer) {
 				return fmt.Errorf("syncer %d: %v of %d acknowledged", i, v, perSyncer)
 			}
+			done[i] = time.Since(start)
 		}
 		return nil
 	})
 	d := time.Since(start)
+	t.Logf("%s: each syncer done after %s", prefix, fleetDurs(done))
 	if err != nil {
 		var logs strings.Builder
 		for _, p := range procs {
