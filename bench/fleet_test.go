@@ -413,16 +413,18 @@ func fleetSyncRun(t *testing.T, bin string, srv *peers.S3Server, prefix string, 
 	}
 	done := make([]time.Duration, len(procs)) // when each had acknowledged all of its files
 	err := peers.WaitFor(context.Background(), 10*time.Minute, func() error {
+		var err error
 		for i, p := range procs {
 			if done[i] != 0 {
 				continue
 			}
 			if v := p.metric(`podkeeper_syncer_uploads_total{result="ok"}`); v < float64(perSyncer) {
-				return fmt.Errorf("syncer %d: %v of %d acknowledged", i, v, perSyncer)
+				err = fmt.Errorf("syncer %d: %v of %d acknowledged", i, v, perSyncer)
+			} else {
+				done[i] = time.Since(start)
 			}
-			done[i] = time.Since(start)
 		}
-		return nil
+		return err
 	})
 	d := time.Since(start)
 	t.Logf("%s: each syncer done after %s", prefix, fleetDurs(done))
