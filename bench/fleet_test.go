@@ -44,7 +44,7 @@ const (
 	fleetBatches      = 100
 	fleetBatchChanges = 100 // per batch: 50 overwrites, 30 new files, 20 deletions
 	fleetSyncers      = 3
-	fleetSyncFiles    = 2000 // per syncer in (2)
+	fleetSyncFiles    = 5000 // per syncer in (2): acks come in SYNC_LOG_INTERVAL (1 s) steps, so runs of several seconds
 	fleetSyncSize     = 4 << 10
 )
 
