@@ -6,7 +6,8 @@
 //	(1) restore of a prefix holding a checkpoint of BENCH_FLEET_FILES (default
 //	    100 000) files plus 100 log batches of 100 changes (5000 overwrites of
 //	    checkpoint files, 3000 new files, 2000 deletions): planning time, total
-//	    time, peak RSS of the restore process
+//	    time, peak RSS of the restore process; beside it, each round, the
+//	    restore of the same files as one plain snapshot (no log to fold)
 //	(2) aggregate upload rate of 3 syncers on one prefix, each on its own
 //	    directory of fleetSyncFiles files, versus 1 syncer with all 3 × that
 //
@@ -195,7 +196,6 @@ func fleetBuildPrefix(t *testing.T, c *s3.Client, st store.Store, prefix, flat s
 type fleetRestoreSample struct {
 	plan, total, fold time.Duration
 	rss               int64 // KiB
-	fetch             string
 }
 
 // fleetRestore runs the restore binary at LOG_LEVEL=info and reads its JSON
@@ -224,9 +224,6 @@ func fleetRestore(t *testing.T, bin string, srv *peers.S3Server, prefix, dir str
 		line := sc.Text()
 		if s.plan == 0 && strings.Contains(line, `"msg":"plan"`) {
 			s.plan = time.Since(start)
-			if i := strings.Index(line, `"fetch_files":`); i >= 0 {
-				s.fetch, _, _ = strings.Cut(line[i+len(`"fetch_files":`):], ",")
-			}
 		}
 		logb.WriteString(line + "\n")
 	}
