@@ -28,8 +28,8 @@ import (
 // podkeeper.io/store-url; the namespace holds what the agents read (ConfigMap podkeeper, Secret
 // podkeeper-s3, the agents' Role bound to the Pod's ServiceAccount). Proves: the Pod as created has
 // restore + syncer + logshipper as native sidecars (the Deployment's template has none), it becomes
-// Ready, what the app writes reaches S3 and the log receiver, the Pod is deleted (final snapshot =
-// every file) and the ReplicaSet's new Pod, injected again, restores every file byte-identical
+// Ready, what the app writes reaches S3 and the log receiver, the Pod is deleted (the syncer
+// drains) and the ReplicaSet's new Pod, injected again, restores every file byte-identical
 // before its app starts.
 func TestInjectorAttached(t *testing.T) {
 	needAgents(t)
@@ -156,7 +156,7 @@ func TestInjectorAttached(t *testing.T) {
 	n.waitLines(recv, "b1", nLines, pod)
 	phase(t, fmt.Sprintf("injector: %d log lines at the receiver", nLines), start)
 
-	// Kill: the Pod is deleted; the syncer drains and its final snapshot holds every file.
+	// Kill: the Pod is deleted; the syncer drains (every file uploaded and in the change log).
 	start = time.Now()
 	fSync := n.follow(pod, "syncer")
 	n.waitFor(20*time.Second, "log stream attached", func() error {
@@ -168,16 +168,9 @@ func TestInjectorAttached(t *testing.T) {
 	if !reDrained.MatchString(syncOut) {
 		t.Errorf("syncer did not report a complete drain:\n%s", syncOut)
 	}
-	m := latestSnapshot(t, s, prefix)
-	var inSnap []string
-	for _, f := range m.Files {
-		inSnap = append(inSnap, f.SHA256+"  "+f.Path)
-	}
-	slices.Sort(inSnap)
-	if d := diff(inSnap, written); d != "" {
-		t.Errorf("final snapshot %s vs files written: %s", m.ID, d)
-	}
-	phase(t, "injector: delete -> syncer drained, final snapshot "+m.ID, start)
+	// (No snapshots/ checkpoint is asserted: "drained" means every file is uploaded and in the
+	// prefix's change log, which is what restore folds; checkpoints come every SYNC_SNAPSHOT_INTERVAL.)
+	phase(t, "injector: delete -> syncer drained", start)
 
 	// The ReplicaSet's new Pod goes through the webhook again and gets every file back,
 	// byte-identical, before its app starts.
