@@ -21,6 +21,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -146,7 +147,7 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	}
 	defer t.Close()
 	stateRel := cfg.stateRel()
-	if res, err := r.skipNotEmpty(stateRel, start); res != nil || err != nil {
+	if res, err := r.skipNotEmpty(t, stateRel, start); res != nil || err != nil {
 		return res, err
 	}
 	if err := probeWritable(t.root); err != nil {
@@ -187,12 +188,12 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 
 // skipNotEmpty applies RESTORE_MODE=skip-if-not-empty and fail-if-not-empty:
 // a result or an error when the directory holds anything but the state dir.
-func (r *Restorer) skipNotEmpty(stateRel string, start time.Time) (*Result, error) {
+func (r *Restorer) skipNotEmpty(t *tree, stateRel string, start time.Time) (*Result, error) {
 	cfg := r.cfg
 	if cfg.Mode != ModeSkipIfNotEmpty && cfg.Mode != ModeFailIfNotEmpty {
 		return nil, nil
 	}
-	name, err := firstEntry(cfg.Dir, stateRel)
+	name, err := firstEntry(t, stateRel)
 	if err != nil || name == "" {
 		return nil, err
 	}
@@ -360,11 +361,12 @@ func unlinkIgnoreMissing(dir int, name string) error {
 
 // firstEntry returns the name of an entry of dir other than the state dir,
 // or "" when there is none.
-func firstEntry(dir, stateRel string) (string, error) {
-	f, err := os.Open(dir)
+func firstEntry(t *tree, stateRel string) (string, error) {
+	fd, err := unix.Dup(t.root)
 	if err != nil {
 		return "", fmt.Errorf("RESTORE_DIR: %w", err)
 	}
+	f := os.NewFile(uintptr(fd), "RESTORE_DIR")
 	defer f.Close()
 	for {
 		names, err := f.Readdirnames(64)
@@ -445,7 +447,7 @@ func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, 
 	if err != nil {
 		return nil, err
 	}
-	pl := &planner{r: r, m: m, local: local, mirror: r.cfg.Mode == ModeMirror,
+	pl := &planner{r: r, t: t, m: m, local: local, mirror: r.cfg.Mode == ModeMirror,
 		needed: neededDirs(m), remove: map[string]bool{}, p: &plan{}}
 	if err := pl.dirs(); err != nil {
 		return nil, err
@@ -465,6 +467,7 @@ func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, 
 // has, and what is already marked for removal.
 type planner struct {
 	r      *Restorer
+	t      *tree
 	m      *snapshot.Manifest
 	local  map[string]localEntry
 	mirror bool
@@ -530,7 +533,7 @@ func (pl *planner) file(f snapshot.File) error {
 		p.fetchBytes += f.Size
 		return nil
 	}
-	same, metaOK, err := pl.r.compare(f, e)
+	same, metaOK, err := pl.r.compare(pl.t, f, e)
 	if err != nil {
 		return err
 	}
@@ -593,7 +596,7 @@ func firstUnder(m *snapshot.Manifest, dir string) string {
 // so whether its mode and mtime match too. Size and mtime (ns) equal means
 // same content without reading it: that is how the syncer leaves files and
 // how restore leaves them. Otherwise an equal size is settled by sha256.
-func (r *Restorer) compare(f snapshot.File, e localEntry) (same, metaOK bool, err error) {
+func (r *Restorer) compare(t *tree, f snapshot.File, e localEntry) (same, metaOK bool, err error) {
 	if e.size != f.Size {
 		return false, false, nil
 	}
@@ -601,9 +604,16 @@ func (r *Restorer) compare(f snapshot.File, e localEntry) (same, metaOK bool, er
 	if e.mtime.Equal(f.MTime) {
 		return true, metaOK, nil
 	}
-	sum, _, err := snapshot.HashFile(filepath.Join(r.cfg.Dir, filepath.FromSlash(f.Path)))
+	// Opened below RESTORE_DIR's descriptor: a link swapped in by another
+	// writer on the volume is not followed to hash a file elsewhere.
+	lf, err := t.open(f.Path)
 	if err != nil {
-		// Unreadable (e.g. mode 0000 as non-root): fetch it again.
+		// Unreadable (e.g. mode 0000 as non-root) or no longer a file: fetch it again.
+		return false, false, nil
+	}
+	defer lf.Close()
+	sum, _, err := snapshot.HashReader(lf)
+	if err != nil {
 		return false, false, nil
 	}
 	return sum == f.SHA256, false, nil
@@ -674,7 +684,12 @@ func writeResult(dir int, res *Result) error {
 
 // ReadResult reads restored.json from a state dir.
 func ReadResult(stateDir string) (*Result, error) {
-	b, err := os.ReadFile(filepath.Join(stateDir, ResultName))
+	root, err := safefs.OpenRootNoFollow(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	b, err := root.ReadFile(ResultName)
 	if err != nil {
 		return nil, err
 	}

@@ -127,6 +127,27 @@ func openDirAt(dirfd int, name string) (int, error) {
 	}
 }
 
+// open opens the regular file rel for reading without following a link in
+// any element (a FIFO is refused without blocking).
+func (t *tree) open(rel string) (*os.File, error) {
+	parent, base := path.Split(rel)
+	pfd, release, err := t.dir(path.Clean(parent), rel, false)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	fd, err := unix.Openat(pfd, base, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: rel, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), rel)
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, &os.PathError{Op: "open", Path: rel, Err: unix.EINVAL}
+	}
+	return f, nil
+}
+
 // lstat stats rel without following a final link; parents are walked safely.
 func (t *tree) lstat(rel string) (unix.Stat_t, error) {
 	var st unix.Stat_t

@@ -93,21 +93,37 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	return s, nil
 }
 
+// openJournals opens the journal directory: below SYNC_DIR (the default state
+// dir) through root, so no link the app put on the way is followed; a state
+// dir elsewhere is configuration and opened by path.
+func openJournals(root *safefs.Root, dir, journal string) (*safefs.Root, error) {
+	if rel, err := filepath.Rel(dir, journal); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return root.Sub(rel)
+	}
+	if err := os.MkdirAll(journal, 0o700); err != nil {
+		return nil, err
+	}
+	return safefs.OpenRoot(journal)
+}
+
 // Run syncs until ctx ends, then drains within deps.Drain.
 func (s *Syncer) Run(ctx context.Context) error {
 	s.health.SetLiveness(time.Minute)
-	if err := os.MkdirAll(s.up.journal, 0o700); err != nil {
-		if config.IsNotWritable(err) {
-			return config.NotWritable("SYNC_STATE_DIR", s.cfg.StateDir, err)
-		}
-		return fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
-	}
 	root, err := safefs.OpenRoot(s.cfg.Dir)
 	if err != nil {
 		return fmt.Errorf("SYNC_DIR: %w", err)
 	}
 	defer root.Close()
-	s.up.root = root
+	s.up.root, s.w.root = root, root
+	jr, err := openJournals(root, s.cfg.Dir, s.up.journal)
+	if err != nil {
+		if config.IsNotWritable(err) {
+			return config.NotWritable("SYNC_STATE_DIR", s.cfg.StateDir, err)
+		}
+		return fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
+	}
+	defer jr.Close()
+	s.up.jr = jr
 	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency,
 		"writer", s.led.writer.ID(), "exclusive", s.cfg.Exclusive)
 

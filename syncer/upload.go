@@ -42,7 +42,8 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b 
 type uploader struct {
 	writer  string       // namespace/pod/uid, in every object's metadata
 	root    *safefs.Root // SYNC_DIR: files are opened below it, never through a link
-	journal string       // multipart journal directory
+	journal string       // multipart journal directory, for messages
+	jr      *safefs.Root // the same, opened without links
 	st      store.Store
 	mp      store.Multiparter // nil: the store has no resumable uploads
 	log     *slog.Logger
@@ -192,8 +193,8 @@ func (u *uploader) sendOnce(ctx context.Context, f *os.File, file snapshot.File,
 // server still has, as long as the file is the same one (size, mtime, hash).
 func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File, opts store.PutOptions) (store.ObjectInfo, error) {
 	key := snapshot.DataKey(file.Path)
-	jp := store.JournalPath(u.journal, key)
-	j, err := store.LoadJournal(jp)
+	name := store.JournalName(key)
+	j, err := u.loadJournal(name)
 	if err == nil && (j.Key != key || j.Size != file.Size || j.MTimeNS != file.MTime.UnixNano() || j.SHA256 != file.SHA256) {
 		if j.UploadID != "" {
 			if err := u.mp.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
@@ -208,20 +209,39 @@ func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File
 		// Killed between Complete and removing the journal: the object is
 		// already there and the upload id is gone.
 		if h, err := u.st.Head(ctx, key, store.HeadOptions{}); err == nil && h.Size == file.Size && h.Metadata[snapshot.MetaSHA256] == file.SHA256 {
-			_ = os.Remove(jp)
+			_ = u.jr.Remove(name)
 			return h, nil
 		}
 		u.log.Info("resuming multipart upload", "path", file.Path, "parts_done", j.PartCount())
 	}
 	info, err := u.mp.UploadFileResumable(ctx, key, f, file.Size, j, store.MultipartOptions{
 		PartSize: partSize, Concurrency: partConcurrency, Metadata: opts.Metadata, ContentType: opts.ContentType,
-		Persist:  func(j *store.MultipartJournal) error { return j.Save(jp) },
+		Persist:  func(j *store.MultipartJournal) error { return u.saveJournal(name, j) },
 		PartDone: func(int32) { u.m.parts.Inc() },
 	})
 	if err == nil {
-		_ = os.Remove(jp)
+		_ = u.jr.Remove(name)
 	}
 	return info, err
+}
+
+// The journals live in the state dir, by default inside SYNC_DIR where the
+// app can write: they are read, written and removed relative to the journal
+// directory's descriptor (u.jr), never by a path a link could redirect.
+func (u *uploader) loadJournal(name string) (*store.MultipartJournal, error) {
+	b, err := u.jr.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	return store.ParseJournal(b)
+}
+
+func (u *uploader) saveJournal(name string, j *store.MultipartJournal) error {
+	b, err := j.Bytes()
+	if err != nil {
+		return err
+	}
+	return u.jr.WriteFile(name, b, 0o600)
 }
 
 // abortStale aborts multipart uploads under data/ that no journal of ours
@@ -232,16 +252,20 @@ func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File
 // removes them.
 func (u *uploader) abortStale(ctx context.Context) error {
 	keep := map[string]bool{}
-	entries, _ := os.ReadDir(u.journal)
-	for _, e := range entries {
-		if !strings.HasSuffix(e.Name(), ".json") {
+	var names []string
+	if d, err := u.jr.OpenDir("."); err == nil {
+		names, _ = d.Readdirnames(-1)
+		d.Close()
+	}
+	for _, name := range names {
+		if !strings.HasSuffix(name, ".json") {
 			continue
 		}
-		p := filepath.Join(u.journal, e.Name())
-		j, err := store.LoadJournal(p)
+		p := filepath.Join(u.journal, name)
+		j, err := u.loadJournal(name)
 		if err != nil {
 			u.log.Warn("dropping unreadable multipart journal", "file", p, "err", err)
-			os.Remove(p)
+			u.jr.Remove(name)
 			continue
 		}
 		rel := strings.TrimPrefix(j.Key, snapshot.DataDir)
@@ -252,7 +276,7 @@ func (u *uploader) abortStale(ctx context.Context) error {
 			if err := u.mp.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
 				return err
 			}
-			os.Remove(p)
+			u.jr.Remove(name)
 			continue
 		}
 		keep[j.UploadID] = true

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/podkeeper/podkeeper/agents/safefs"
 )
 
 // notifier is the part of fsnotify the watcher uses. It is an interface so
@@ -43,6 +44,7 @@ func newFSNotifier() (notifier, error) {
 // changes of files: it owns the watches, and knows which paths count.
 type watcher struct {
 	dir      string
+	root     *safefs.Root // SYNC_DIR, set by Run: stats never follow a link
 	stateDir string
 	exclude  []string
 	log      *slog.Logger
@@ -208,9 +210,9 @@ func (w *watcher) change(ev fsnotify.Event) change {
 		}
 		return change{kind: removed, rel: rel}
 	}
-	fi, err := os.Lstat(ev.Name)
+	fi, err := w.root.Lstat(rel)
 	if err != nil {
-		return change{} // already gone again; its Remove event follows
+		return change{} // gone again (its Remove event follows), or below a link: never followed
 	}
 	if fi.IsDir() {
 		if !ev.Has(fsnotify.Create) {

@@ -528,8 +528,13 @@ func HashFile(path string) (string, int64, error) {
 		return "", 0, err
 	}
 	defer f.Close()
+	return HashReader(f)
+}
+
+// HashReader returns the sha256 (lowercase hex) and length of r's content.
+func HashReader(r io.Reader) (string, int64, error) {
 	h := sha256.New()
-	n, err := io.Copy(h, f)
+	n, err := io.Copy(h, r)
 	if err != nil {
 		return "", 0, err
 	}

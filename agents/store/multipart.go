@@ -61,9 +61,18 @@ func LoadJournal(path string) (*MultipartJournal, error) {
 	if err != nil {
 		return nil, err
 	}
+	j, err := ParseJournal(b)
+	if err != nil {
+		return nil, fmt.Errorf("multipart journal %s: %w", path, err)
+	}
+	return j, nil
+}
+
+// ParseJournal decodes what Bytes encoded.
+func ParseJournal(b []byte) (*MultipartJournal, error) {
 	var j MultipartJournal
 	if err := json.Unmarshal(b, &j); err != nil {
-		return nil, fmt.Errorf("multipart journal %s: %w", path, err)
+		return nil, err
 	}
 	if j.Parts == nil {
 		j.Parts = map[int32]string{}
@@ -71,12 +80,15 @@ func LoadJournal(path string) (*MultipartJournal, error) {
 	return &j, nil
 }
 
-// Save writes the journal atomically (temp file + rename), so a SIGKILL
-// leaves either the previous or the new state, never a torn file.
-func (j *MultipartJournal) Save(path string) error {
+// Bytes encodes the journal, safely while parts are being recorded.
+func (j *MultipartJournal) Bytes() ([]byte, error) {
 	j.mu.Lock()
-	b, err := json.Marshal(j)
-	j.mu.Unlock()
+	defer j.mu.Unlock()
+	return json.Marshal(j)
+}
+
+func (j *MultipartJournal) Save(path string) error {
+	b, err := j.Bytes()
 	if err != nil {
 		return err
 	}
@@ -156,8 +168,11 @@ type MultipartUpload struct {
 
 // JournalPath is where a journal for key lives in dir (one file per key).
 func JournalPath(dir, key string) string {
-	return filepath.Join(dir, fmt.Sprintf("%x.json", hashKey(key)))
+	return filepath.Join(dir, JournalName(key))
 }
+
+// JournalName is the file name of key's journal.
+func JournalName(key string) string { return fmt.Sprintf("%x.json", hashKey(key)) }
 
 func hashKey(key string) uint64 {
 	// FNV-1a: file names only need to be distinct per key and short.
