@@ -794,8 +794,7 @@ func testRetentionDelete(t *testing.T, srv *peers.S3Server) {
 		if del {
 			want = 3
 		}
-		waitSnap(want)
-		time.Sleep(time.Second) // the deletion is in a batch (or not) by now
+		waitSnap(want) // with SYNC_DELETE the tombstone's batch is stored once the fold shows it
 		// A checkpoint folds the log once its batches are older than the margin.
 		if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 			all, err := snapshot.List(context.Background(), st)
@@ -866,9 +865,10 @@ func testConflicts(t *testing.T, srv *peers.S3Server) {
 	// object, no conflict.
 	put(dirA, "e.txt", "e first", old)
 	waitObject(t, srv, prefix, "e.txt", []byte("e first"), 20*time.Second)
-	time.Sleep(1500 * time.Millisecond) // acknowledged (SYNC_LOG_INTERVAL=1s)
+	waitAcked(t, s3Store(t, srv, prefix), "e.txt", "e first") // in the change log: A knows it as its own
+	// Whether A sees the removal before the new file (remove + create) or not
+	// (an overwrite), its second version is an update of its own object.
 	os.Remove(filepath.Join(dirA, "e.txt"))
-	time.Sleep(300 * time.Millisecond)
 	put(dirA, "e.txt", "e second", newer)
 	waitObject(t, srv, prefix, "e.txt", []byte("e second"), 20*time.Second)
 
@@ -946,10 +946,14 @@ func testPollShared(t *testing.T, srv *peers.S3Server) {
 	for i := range n {
 		waitObject(t, srv, prefix, fmt.Sprintf("p/%02d.txt", i), []byte(fmt.Sprintf("polled %d", i)), 30*time.Second)
 	}
-	time.Sleep(time.Second) // both walkers have seen everything by now
+	for _, r := range rs { // both walkers have seen (uploaded or found identical) every file
+		waitUploads(t, r, n)
+	}
 	writeFile(t, filepath.Join(dir, "p/00.txt"), []byte("rewritten"))
 	waitObject(t, srv, prefix, "p/00.txt", []byte("rewritten"), 30*time.Second)
-	time.Sleep(time.Second)
+	for _, r := range rs {
+		waitUploads(t, r, n+1)
+	}
 	for _, r := range rs {
 		if err := r.shutdown(t); err != nil {
 			t.Fatal(err)
@@ -970,6 +974,42 @@ func testPollShared(t *testing.T, srv *peers.S3Server) {
 	m, err := latestSnapshot(t, s3Store(t, srv, prefix))
 	if err != nil || len(m.Files) != n {
 		t.Fatalf("state: %v %v", m, err)
+	}
+}
+
+// waitUploads waits until r counted n successful uploads (an object found
+// already holding the same bytes counts: uploaded once in total).
+func waitUploads(t *testing.T, r *running, n int) {
+	t.Helper()
+	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		if v := gaugeValue(r.s.health, "podkeeper_syncer_uploads_total"); v < float64(n) {
+			return fmt.Errorf("%v uploads counted, want %d", v, n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitAcked waits until the change log (what a restore gives) holds rel with
+// content: its writer acknowledged it.
+func waitAcked(t *testing.T, st store.Store, rel, content string) {
+	t.Helper()
+	h := sha256.Sum256([]byte(content))
+	want := hex.EncodeToString(h[:])
+	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		m, err := latestSnapshot(t, st)
+		if err != nil {
+			return err
+		}
+		for _, f := range m.Files {
+			if f.Path == rel && f.SHA256 == want {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not acknowledged yet", rel)
+	}); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -366,9 +366,9 @@ func testPointInTime(t *testing.T, srv *peers.S3Server, bin string) {
 	p.waitLog(t, "msg=watching", 30*time.Second)
 	writeAt(t, dir, "first.txt", "one")
 	p.waitLog(t, "msg=uploaded agent=syncer path=first.txt ", 30*time.Second)
-	time.Sleep(20 * time.Millisecond)
+	// first.txt's batch was stamped before its PUT, which finished before the
+	// ack: now is after it, and second.txt's batch is stamped after now.
 	between := time.Now().UTC()
-	time.Sleep(20 * time.Millisecond)
 	writeAt(t, dir, "second.txt", "two")
 	os.Remove(filepath.Join(dir, "first.txt"))
 	p.waitLog(t, "msg=uploaded agent=syncer path=second.txt ", 30*time.Second)

@@ -225,7 +225,15 @@ func TestCredentialsNeverPrinted(t *testing.T) {
 	must(t, os.WriteFile(filepath.Join(logs, "app.log"), []byte("hello\nworld\n"), 0o644))
 	ls := h.start("logshipper", append(storeEnv[3:], "LOGSHIP_PATHS="+logs+"/*.log", "LOGSHIP_STATE_DIR="+t.TempDir(),
 		"FLUENT_ADDR=127.0.0.1:"+strconv.Itoa(peers.FreePort(t)), "FLUENT_TIMEOUT=500ms", "LOGSHIP_SHUTDOWN_TIMEOUT=2s", "LOGSHIP_HTTP_ADDR="+httpAddr())...)
-	time.Sleep(3 * time.Second)
+	// Its error path (a refused delivery, retried) must have printed first.
+	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
+		if !strings.Contains(ls.out.String(), "not delivered") {
+			return errors.New("no failed delivery logged yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, ls.out.String())
+	}
 	h.term(ls, 30*time.Second, 1)
 
 	// 4. Variables carrying credentials are refused (exit 2) without
