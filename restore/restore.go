@@ -120,17 +120,20 @@ func (r *Restorer) Run(ctx context.Context) (*Result, error) {
 	return res, nil
 }
 
-// probeWritable creates and removes a file in dir: before anything is
-// fetched, an emptyDir owned by another user fails with a clear error, not
-// midway with a bare "permission denied".
+// probeWritable checks that dir takes new files, before anything is
+// fetched: an emptyDir owned by another user fails with a clear error, not
+// midway with a bare "permission denied". The probe is an unnamed O_TMPFILE,
+// so neither the app nor the syncer ever sees it; a filesystem without
+// O_TMPFILE is not probed (a refusal then shows when a file is placed).
 func probeWritable(dir int) error {
-	name := fmt.Sprintf(".podkeeper-probe-%d", os.Getpid())
-	fd, err := unix.Openat(dir, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	fd, err := unix.Openat(dir, ".", unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EINVAL) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
-	unix.Close(fd)
-	return unix.Unlinkat(dir, name, 0)
+	return unix.Close(fd)
 }
 
 func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
