@@ -105,21 +105,41 @@ func (p *puller) run(ctx context.Context) {
 	}
 	p.log.Info("pull: converging", "paths", len(paths))
 	p.converge(ctx, paths)
-	t := time.NewTicker(p.cfg.PullInterval)
+	t := time.NewTimer(p.cfg.PullInterval)
 	defer t.Stop()
+	var busy time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		p.look(ctx)
+		if p.look(ctx) {
+			busy = time.Now()
+		}
+		t.Reset(p.nextLook(busy))
 	}
 }
 
+// busyFor and busyDivisor: while other writers are appending (a look found
+// batches within busyFor), the log is looked at busyDivisor times as often,
+// so a replica follows a busy fleet closer than SYNC_PULL_INTERVAL; an idle
+// fleet costs one LIST per interval.
+const (
+	busyFor     = 10 * time.Second
+	busyDivisor = 4
+)
+
+func (p *puller) nextLook(busy time.Time) time.Duration {
+	if !busy.IsZero() && time.Since(busy) < busyFor {
+		return max(p.cfg.PullInterval/busyDivisor, 50*time.Millisecond)
+	}
+	return p.cfg.PullInterval
+}
+
 // look reads the new batches and converges the paths whose winner changed,
-// plus those that failed before.
-func (p *puller) look(ctx context.Context) {
+// plus those that failed before. It reports whether other writers appended.
+func (p *puller) look(ctx context.Context) (active bool) {
 	p.m.looks.Inc()
 	batches, bad, err := p.follow.Next(ctx)
 	for _, e := range bad {
@@ -129,7 +149,7 @@ func (p *puller) look(ctx context.Context) {
 		if ctx.Err() == nil {
 			p.log.Warn("pull: reading the change log failed; trying again at the next look", "err", err)
 		}
-		return
+		return false
 	}
 	if n := p.follow.Newest(); !n.IsZero() {
 		p.m.lag.Set(time.Since(n).Seconds())
@@ -140,6 +160,7 @@ func (p *puller) look(ctx context.Context) {
 	}
 	clear(p.retry)
 	for _, b := range batches {
+		active = active || b.Writer.ID() != p.me
 		for _, c := range b.Changes {
 			before, had := p.state[c.Path]
 			p.state.Apply(&changelog.Batch{Writer: b.Writer, Changes: []changelog.Change{c}})
@@ -149,13 +170,14 @@ func (p *puller) look(ctx context.Context) {
 		}
 	}
 	if len(changed) == 0 {
-		return
+		return active
 	}
 	paths := slices.Sorted(maps.Keys(changed))
 	for _, path := range paths {
 		p.count(path)
 	}
 	p.converge(ctx, paths)
+	return active
 }
 
 // converge pulls paths, SYNC_CONCURRENCY at a time.
