@@ -440,3 +440,47 @@ func IndexOf(files []File) (*Index, error) {
 	}
 	return b.Finish()
 }
+
+// Merge returns the files of x (nil: none) without those at the positions
+// drop reports, plus add (in path order; none of them may be listed in x
+// and not dropped), with every rule checked and the added entries charged
+// against the budget. x is consumed: the result appends to its storage and
+// orders it anew, so a fold of a million-file checkpoint and a small tail
+// never holds the checkpoint twice.
+func Merge(x *Index, drop func(int) bool, add []File) (*Index, error) {
+	if x == nil {
+		x = newBuilder(0, 0).x
+	}
+	b := &Builder{x: x, dirIDs: make(map[string]uint32, len(x.dirs)), extraIDs: map[string]uint32{"": 0},
+		budget: BudgetBytes(), max: MaxEntries(), sorted: true}
+	for i, d := range x.dirs {
+		b.dirIDs[d] = uint32(i)
+	}
+	for i, e := range x.extras[1:] {
+		j, _ := json.Marshal(e)
+		b.extraIDs[string(j)] = uint32(i + 1)
+	}
+	n, first := x.Len(), x.nrec
+	for _, f := range add {
+		if err := b.Add(f); err != nil {
+			return nil, err
+		}
+	}
+	order := make([]int32, 0, n+len(add))
+	i, j := 0, 0
+	for i < n || j < len(add) {
+		if i < n && drop(i) {
+			i++
+			continue
+		}
+		if j >= len(add) || (i < n && x.comparePath(x.rec(i), add[j].Path) < 0) {
+			order = append(order, int32(x.recNum(i)))
+			i++
+			continue
+		}
+		order = append(order, int32(first+j))
+		j++
+	}
+	x.order = order
+	return x, x.checkPaths()
+}
