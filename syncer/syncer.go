@@ -147,7 +147,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	// The app may start now (native sidecar startup probe): every file it
 	// writes from here on is seen.
 	s.health.SetStarted()
-	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.led.files))
+	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", s.led.files.len())
 
 	compCtx, stopCompacting := context.WithCancel(ctx)
 	compDone := make(chan struct{})
@@ -333,7 +333,7 @@ func (s *Syncer) drained() error {
 	if s.led.guardBlocked {
 		return errGuardHeld
 	}
-	s.log.Info("drained", "files", len(s.led.files))
+	s.log.Info("drained", "files", s.led.files.len())
 	return nil
 }
 
