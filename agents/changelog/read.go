@@ -63,8 +63,8 @@ type Folded struct {
 	From       time.Time // that checkpoint's creation time
 	Writer     snapshot.Writer
 	Base       *snapshot.Compact // that checkpoint, when no batch came after it
-	Batches    int                // batches applied
-	Newest     time.Time          // stamp of the newest batch applied
+	Batches    int               // batches applied
+	Newest     time.Time         // stamp of the newest batch applied
 }
 
 // FoldState is Fold with tombstones kept and the provenance returned.
