@@ -69,27 +69,27 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 	stop := r.logProgress(ctx, time.Now())
 	defer stop()
 
-	var small, large []snapshot.File
-	for _, f := range p.fetch {
-		if f.Size >= r.rangeThreshold {
-			large = append(large, f)
+	var small, large []int32
+	for _, i := range p.fetch {
+		if p.files.Size(int(i)) >= r.rangeThreshold {
+			large = append(large, i)
 		} else {
-			small = append(small, f)
+			small = append(small, i)
 		}
 	}
 	// Small files: one GET each, largest first (so the tail is the quickest
 	// files, not one big one alone on the wire), as many at a time as the
 	// adaptive limiter allows; the first failure cancels the others.
-	slices.SortStableFunc(small, func(a, b snapshot.File) int { return cmp.Compare(b.Size, a.Size) })
+	slices.SortStableFunc(small, func(a, b int32) int { return cmp.Compare(p.files.Size(int(b)), p.files.Size(int(a))) })
 	lim := newLimiter(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
 	g, gctx := errgroup.WithContext(context.WithValue(ctx, limiterKey{}, lim))
-	for _, f := range small {
+	for _, i := range small {
 		if lim.acquire(gctx) != nil {
 			break
 		}
 		g.Go(func() error {
 			defer lim.release()
-			if err := r.fetchFile(gctx, t, tmp, f); err != nil {
+			if err := r.fetchFile(gctx, t, tmp, p.files.At(int(i))); err != nil {
 				return err
 			}
 			lim.done(time.Now())
@@ -103,8 +103,8 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 		r.log.Debug("small files fetched", "files", len(small), "final_concurrency", lim.Limit())
 	}
 	// Large files one after another, each with Concurrency ranged GETs.
-	for _, f := range large {
-		if err := r.fetchFile(ctx, t, tmp, f); err != nil {
+	for _, i := range large {
+		if err := r.fetchFile(ctx, t, tmp, p.files.At(int(i))); err != nil {
 			return err
 		}
 	}

@@ -35,14 +35,14 @@ func List(ctx context.Context, st store.Store) ([]ListEntry, error) {
 	out := make([]ListEntry, len(infos))
 	for i, info := range infos {
 		out[i].Info = info
-		m, err := snapshot.Load(ctx, st, info)
+		m, err := snapshot.LoadCompact(ctx, st, info)
 		if err != nil {
 			out[i].Err = err
 			continue
 		}
-		out[i].Files = len(m.Files)
-		for _, f := range m.Files {
-			out[i].Bytes += f.Size
+		out[i].Files = m.Files.Len()
+		for j := range m.Files.Len() {
+			out[i].Bytes += m.Files.Size(j)
 		}
 	}
 	return out, nil
@@ -83,13 +83,13 @@ func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurr
 	if err != nil {
 		return nil, err
 	}
-	rep := &VerifyReport{Snapshot: m.ID, Files: len(m.Files)}
+	rep := &VerifyReport{Snapshot: m.ID, Files: m.Files.Len()}
 	var mu sync.Mutex
 	// A check that cannot run is reported, but does not stop the others: the
 	// report still lists every problem found.
 	var g errgroup.Group
-	g.SetLimit(max(1, min(concurrency, len(m.Files))))
-	for _, f := range m.Files {
+	g.SetLimit(max(1, min(concurrency, m.Files.Len())))
+	for _, f := range m.Files.All() {
 		rep.Bytes += f.Size
 		g.Go(func() error {
 			reason, err := verifyOne(ctx, st, f, deep)

@@ -42,7 +42,7 @@ type puller struct {
 	tmp  *safefs.Root // the state dir's pull/ directory, same filesystem as SYNC_DIR
 	root *safefs.Root // SYNC_DIR, for the cheap "already here" check
 
-	state  changelog.State
+	state  *changelog.State
 	follow *changelog.Follower
 	// retry are paths whose pull failed; they are tried again at the next look.
 	retry map[string]bool
@@ -99,8 +99,9 @@ func (p *puller) run(ctx context.Context) {
 		}
 		return
 	}
-	paths := slices.Sorted(maps.Keys(p.state))
-	for _, path := range paths {
+	var paths []string
+	for path := range p.state.All() {
+		paths = append(paths, path)
 		p.count(path)
 	}
 	p.log.Info("pull: converging", "paths", len(paths))
@@ -162,9 +163,9 @@ func (p *puller) look(ctx context.Context) (active bool) {
 	for _, b := range batches {
 		active = active || b.Writer.ID() != p.me
 		for _, c := range b.Changes {
-			before, had := p.state[c.Path]
+			before, had := p.state.Get(c.Path)
 			p.state.Apply(&changelog.Batch{Writer: b.Writer, Changes: []changelog.Change{c}})
-			if after := p.state[c.Path]; !had || !sameEntry(after, before) {
+			if after, _ := p.state.Get(c.Path); !had || !sameEntry(after, before) {
 				changed[c.Path] = true
 			}
 		}
@@ -186,7 +187,7 @@ func (p *puller) converge(ctx context.Context, paths []string) {
 	g.SetLimit(p.cfg.Concurrency)
 	failed := make([]bool, len(paths))
 	for i, path := range paths {
-		e := p.state[path]
+		e, _ := p.state.Get(path)
 		if !p.wanted(e) {
 			continue
 		}
@@ -231,7 +232,7 @@ func (p *puller) count(path string) {
 	if p.cfg.PullMaxBytes <= 0 {
 		return
 	}
-	e := p.state[path]
+	e, _ := p.state.Get(path)
 	old, had := p.counted[path]
 	if had && old > 0 {
 		p.held -= old

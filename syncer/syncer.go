@@ -152,7 +152,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	// The app may start now (native sidecar startup probe): every file it
 	// writes from here on is seen.
 	s.health.SetStarted()
-	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.led.files))
+	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", s.led.files.len())
 
 	if s.cfg.Pull {
 		stop, err := s.startPull(ctx, root)
@@ -378,7 +378,7 @@ func (s *Syncer) drained() error {
 	if s.led.guardBlocked {
 		return errGuardHeld
 	}
-	s.log.Info("drained", "files", len(s.led.files))
+	s.log.Info("drained", "files", s.led.files.len())
 	return nil
 }
 
