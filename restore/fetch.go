@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
+	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
@@ -81,18 +82,18 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 	// files, not one big one alone on the wire), as many at a time as the
 	// adaptive limiter allows; the first failure cancels the others.
 	slices.SortStableFunc(small, func(a, b int32) int { return cmp.Compare(p.files.Size(int(b)), p.files.Size(int(a))) })
-	lim := newLimiter(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
+	lim := adaptive.New(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
 	g, gctx := errgroup.WithContext(context.WithValue(ctx, limiterKey{}, lim))
 	for _, i := range small {
-		if lim.acquire(gctx) != nil {
+		if lim.Acquire(gctx) != nil {
 			break
 		}
 		g.Go(func() error {
-			defer lim.release()
+			defer lim.Release()
 			if err := r.fetchFile(gctx, t, tmp, p.files.At(int(i))); err != nil {
 				return err
 			}
-			lim.done(time.Now())
+			lim.Done(time.Now())
 			return nil
 		})
 	}
@@ -198,8 +199,8 @@ func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptio
 	opts.VersionID = f.VersionID
 	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		r.log.Warn("download failed, retrying", "path", f.Path, "attempt", attempt+1, "wait", wait.Round(time.Millisecond), "err", err)
-		if lim, ok := ctx.Value(limiterKey{}).(*limiter); ok && isThrottle(err) {
-			lim.throttled(time.Now())
+		if lim, ok := ctx.Value(limiterKey{}).(*adaptive.Limiter); ok && adaptive.IsThrottle(err) {
+			lim.Throttled(time.Now())
 		}
 	}, func(ctx context.Context) error {
 		rc, info, err := r.st.Get(ctx, key, opts)

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/safefs"
@@ -46,6 +47,7 @@ type uploader struct {
 	jr      *safefs.Root // the same, opened without links
 	st      store.Store
 	mp      store.Multiparter // nil: the store has no resumable uploads
+	lim     *adaptive.Limiter // uploads in flight, adaptive
 	log     *slog.Logger
 	rec     events.Recorder
 	m       *metrics
@@ -54,10 +56,24 @@ type uploader struct {
 	retrying atomic.Int32
 }
 
+// work uploads jobs while the adaptive limit gives it a slot: the pool has
+// SYNC_MAX_CONCURRENCY workers, SYNC_CONCURRENCY of them to start with.
 func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
-	for j := range jobs {
+	for {
+		if u.lim.Acquire(ctx) != nil {
+			return
+		}
+		j, ok := <-jobs
+		if !ok {
+			u.lim.Release()
+			return
+		}
 		r := u.upload(ctx, j)
 		r.gen = j.gen
+		if r.err == nil {
+			u.lim.Done(time.Now())
+		}
+		u.lim.Release()
 		results <- r
 	}
 }
@@ -141,6 +157,9 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn 
 	var c *conflict
 	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		u.m.retries.Inc()
+		if adaptive.IsThrottle(err) {
+			u.lim.Throttled(time.Now())
+		}
 		if !counted {
 			counted = true
 			u.retrying.Add(1)
