@@ -90,6 +90,9 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	s.up = &uploader{writer: id.writer().ID(), journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
+	if cfg.Compress != "off" {
+		s.up.compress = cfg.Compress
+	}
 	return s, nil
 }
 
