@@ -20,6 +20,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -144,7 +145,8 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		}
 	}()
 	var sum string
-	if f.Size >= r.rangeThreshold {
+	if f.Size >= r.rangeThreshold && f.Encoding == codec.None {
+		// An encoded object is fetched whole: its ranges are not the file's.
 		sum, err = r.downloadRanges(ctx, file, f)
 	} else {
 		sum, err = r.downloadWhole(ctx, file, f)
@@ -208,7 +210,10 @@ func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptio
 			return err
 		}
 		defer rc.Close()
-		if info.Size != f.Size {
+		if got := info.Metadata[snapshot.MetaEncoding]; info.Metadata != nil && got != f.Encoding {
+			return &ChangedError{Path: f.Path, Key: key, Want: "encoding " + encodingText(f.Encoding), Got: "an object stored with encoding " + encodingText(got), VersionID: f.VersionID}
+		}
+		if f.Encoding == codec.None && info.Size != f.Size {
 			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: fmt.Sprintf("size %d", info.Size), VersionID: f.VersionID}
 		}
 		return body(rc, info)
@@ -242,9 +247,20 @@ func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.
 		}
 		bp := pool.Get().(*[]byte)
 		defer pool.Put(bp)
-		n, err := copyCounted(w, io.LimitReader(body, f.Size+1), *bp, &r.prog)
+		src := io.LimitReader(body, f.Size+1)
+		if f.Encoding != codec.None {
+			// Decoded while it downloads; the decoder stops one byte past
+			// the recorded size (a bomb costs at most that much).
+			rc, err := codec.DecodeSized(f.Encoding, body, f.Size)
+			if err != nil {
+				return r.undecodable(f, err)
+			}
+			defer rc.Close()
+			src = rc
+		}
+		n, err := copyCounted(w, src, *bp, &r.prog)
 		if err != nil {
-			return err
+			return r.undecodable(f, err)
 		}
 		if n > f.Size {
 			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: "more bytes", VersionID: f.VersionID}
@@ -259,6 +275,25 @@ func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// undecodable turns the decoder's refusal of an object into a ChangedError
+// (permanent: the stored bytes are not the recorded content); other errors,
+// the network's, pass unchanged.
+func (r *Restorer) undecodable(f snapshot.File, err error) error {
+	var ie *codec.InvalidError
+	if !errors.As(err, &ie) {
+		return err
+	}
+	return &ChangedError{Path: f.Path, Key: snapshot.DataKey(f.Path), Want: fmt.Sprintf("%s-encoded content of %d bytes", f.Encoding, f.Size),
+		Got: ie.Error(), VersionID: f.VersionID}
+}
+
+func encodingText(enc string) string {
+	if enc == codec.None {
+		return "none"
+	}
+	return enc
 }
 
 // copyCounted copies like io.CopyBuffer and adds progress as it goes. Read

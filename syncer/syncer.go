@@ -97,6 +97,9 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
 	s.up.lim = adaptive.New(cfg.Concurrency, cfg.MaxConcurrency, time.Now())
+	if cfg.Compress != "off" {
+		s.up.compress = cfg.Compress
+	}
 	return s, nil
 }
 

@@ -3,6 +3,7 @@
 //
 //	PREFIX/snapshots/ID.json or ID.json.gz   the manifest (readers accept both)
 //	PREFIX/data/PATH                         file bytes, user metadata sha256, mtime, mode
+//	                                         (encoded files also size and encoding)
 //
 // ID is the UTC creation time as 20060102T150405.000000000Z, optionally followed
 // by "-" and a short suffix, so ids sort by time as strings.
@@ -30,6 +31,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
@@ -43,6 +45,10 @@ const (
 	MetaSHA256   = "sha256"
 	MetaMTime    = "mtime"
 	MetaMode     = "mode"
+	// An encoded object (File.Encoding) also records the encoding and the
+	// original content's size; its sha256 is the original content's too.
+	MetaEncoding = "encoding"
+	MetaSize     = "size"
 )
 
 // Limits applied while decoding.
@@ -72,7 +78,11 @@ type Writer struct {
 	Host      string `json:"host"`
 }
 
-// File is one file of a snapshot.
+// File is one file of a snapshot. Size and SHA256 are the content's; the
+// data object holds it as is, or encoded when Encoding is set (one of
+// agents/codec's encodings: zstd, gzip), and is then decoded before the
+// content is checked against them. Readers that predate the field refuse an
+// entry that has it rather than take encoded bytes for the content.
 type File struct {
 	Path      string    `json:"path"`
 	Size      int64     `json:"size"`
@@ -81,6 +91,7 @@ type File struct {
 	Mode      Mode      `json:"mode"`
 	ETag      string    `json:"etag,omitempty"`
 	VersionID string    `json:"version_id,omitempty"`
+	Encoding  string    `json:"encoding,omitempty"`
 }
 
 // Mode is a file's permission bits, written as an octal string ("0644").
@@ -220,6 +231,8 @@ func (f *File) validate() error {
 		return errors.New("no mtime")
 	case f.Mode&^0o777 != 0:
 		return fmt.Errorf("mode %s has bits beyond permissions", f.Mode)
+	case !codec.Known(f.Encoding):
+		return fmt.Errorf("unknown encoding %q (this version reads %q and %q)", f.Encoding, codec.Zstd, codec.Gzip)
 	}
 	return nil
 }
@@ -697,13 +710,28 @@ func HashReader(r io.Reader) (string, int64, error) {
 
 // Metadata is the user metadata of a data object for f.
 func (f File) Metadata() map[string]string {
-	return map[string]string{MetaSHA256: f.SHA256, MetaMTime: f.MTime.UTC().Format(time.RFC3339Nano), MetaMode: f.Mode.String()}
+	m := map[string]string{MetaSHA256: f.SHA256, MetaMTime: f.MTime.UTC().Format(time.RFC3339Nano), MetaMode: f.Mode.String()}
+	if f.Encoding != "" {
+		m[MetaEncoding], m[MetaSize] = f.Encoding, strconv.FormatInt(f.Size, 10)
+	}
+	return m
 }
 
 // FileFromMetadata rebuilds an entry from a data object's metadata (as written
-// by Metadata), checking it as strictly as a manifest.
+// by Metadata), checking it as strictly as a manifest. size is the object's;
+// an encoded object's metadata names the content's.
 func FileFromMetadata(path string, size int64, meta map[string]string) (File, error) {
-	f := File{Path: path, Size: size, SHA256: meta[MetaSHA256]}
+	f := File{Path: path, Size: size, SHA256: meta[MetaSHA256], Encoding: meta[MetaEncoding]}
+	if f.Encoding != "" {
+		if !codec.Known(f.Encoding) {
+			return File{}, fmt.Errorf("object %s: unknown encoding %q", path, f.Encoding)
+		}
+		n, err := strconv.ParseInt(meta[MetaSize], 10, 64)
+		if err != nil || n < 0 || n > MaxFileSize {
+			return File{}, fmt.Errorf("object %s: metadata size %q of its %s content", path, meta[MetaSize], f.Encoding)
+		}
+		f.Size = n
+	}
 	mt, err := time.Parse(time.RFC3339Nano, meta[MetaMTime])
 	if err != nil {
 		return File{}, fmt.Errorf("object %s: metadata mtime %q: %w", path, meta[MetaMTime], err)
