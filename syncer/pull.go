@@ -17,6 +17,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
@@ -302,7 +303,8 @@ func (p *puller) onDisk(f snapshot.File) bool {
 }
 
 // download fetches f's object into a temp file of the pull directory,
-// checked against the log's size and sha256, with the log's mode and mtime.
+// decoded when it is stored encoded (SYNC_COMPRESS of its writer), checked
+// against the log's size and sha256, with the log's mode and mtime.
 // The object may have been replaced by a newer version since (a bucket
 // without versioning): the check fails, and the newer version's batch brings
 // the path back.
@@ -323,9 +325,14 @@ func (p *puller) download(ctx context.Context, f snapshot.File) (string, error) 
 			p.tmp.Remove(name)
 		}
 	}()
+	body, err := codec.DecodeSized(f.Encoding, rc, f.Size)
+	if err != nil {
+		return "", err
+	}
+	defer body.Close()
 	h := sha256.New()
 	buf := copyBufs.Get().(*[]byte)
-	n, err := io.CopyBuffer(io.MultiWriter(tf, h), io.LimitReader(rc, f.Size+1), *buf)
+	n, err := io.CopyBuffer(io.MultiWriter(tf, h), io.LimitReader(body, f.Size+1), *buf)
 	copyBufs.Put(buf)
 	if err != nil {
 		return "", err
