@@ -150,7 +150,7 @@ func TestBenchLatency(t *testing.T) {
 			if skip != "syncer" {
 				cs := "syncer backfill"
 				pfx := func(who string, round int) string { return fmt.Sprintf("lat-%d-%s-%d", rttMS, who, round) }
-				rSync = add(cs, "syncer (SYNC_SETTLE=0, SYNC_CONCURRENCY=16)", func(round int) (time.Duration, int64) {
+				rSync = add(cs, "syncer (SYNC_SETTLE=0; defaults SYNC_CONCURRENCY=16, SYNC_MAX_CONCURRENCY=128)", func(round int) (time.Duration, int64) {
 					return syncerBackfillAt(t, syncerBin, srv, ep, pfx("syncer", round), srcDir, n)
 				})
 				rS16 = add(cs, "rclone copy --transfers 16", func(round int) (time.Duration, int64) {
