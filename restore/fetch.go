@@ -21,6 +21,7 @@ import (
 	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/codec"
+	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -131,17 +132,17 @@ func (r *Restorer) fetchFile(ctx context.Context, t *tree, tmp int, f snapshot.F
 }
 
 func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.File) error {
-	name := tmpName()
-	fd, err := unix.Openat(tmp, name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	file, name, err := createTemp(tmp)
 	if err != nil {
 		return fmt.Errorf("create temp file for %q: %w", f.Path, err)
 	}
-	file := os.NewFile(uintptr(fd), name)
 	placed := false
 	defer func() {
 		if !placed {
 			file.Close()
-			unix.Unlinkat(tmp, name, 0)
+			if name != "" {
+				unix.Unlinkat(tmp, name, 0)
+			}
 		}
 	}()
 	var sum string
@@ -161,7 +162,7 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		return fmt.Errorf("chmod temp file of %q: %w", f.Path, err)
 	}
 	ts := []unix.Timespec{unix.NsecToTimespec(f.MTime.UnixNano()), unix.NsecToTimespec(f.MTime.UnixNano())}
-	if err := unix.UtimesNanoAt(tmp, name, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err := safefs.TimesFd(int(file.Fd()), ts); err != nil {
 		return fmt.Errorf("set mtime of %q: %w", f.Path, err)
 	}
 	// Large files are flushed on their own even under SyncFS: their writeback
@@ -172,6 +173,25 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 			return fmt.Errorf("fsync %q: %w", f.Path, err)
 		}
 	}
+	if name == "" {
+		// Unnamed: linked straight to its name when nothing is there (a fresh
+		// restore), else named in the temp dir and placed like the others.
+		err := t.link(int(file.Fd()), f.Path)
+		if err == nil {
+			placed = true
+			file.Close()
+			r.counted(f)
+			return nil
+		}
+		if !errors.Is(err, unix.EEXIST) {
+			return err
+		}
+		name = tmpName()
+		if err := safefs.LinkFd(int(file.Fd()), tmp, name); err != nil {
+			name = ""
+			return fmt.Errorf("name temp file of %q: %w", f.Path, err)
+		}
+	}
 	if err := file.Close(); err != nil {
 		return fmt.Errorf("close temp file of %q: %w", f.Path, err)
 	}
@@ -180,11 +200,35 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		unix.Unlinkat(tmp, name, 0)
 		return err
 	}
+	r.counted(f)
+	return nil
+}
+
+func (r *Restorer) counted(f snapshot.File) {
 	if f.Size < r.rangeThreshold {
 		r.prog.smallFetched.Add(1)
 	}
 	r.prog.files.Add(1)
-	return nil
+}
+
+// createTemp creates the file a download goes to: unnamed (O_TMPFILE) in the
+// temp dir where the filesystem can (name ""), else under a random name.
+// Many downloads creating names in one directory at once contend on it: an
+// unnamed file costs no directory entry until it is linked into place.
+func createTemp(tmp int) (*os.File, string, error) {
+	fd, ok, err := safefs.CreateUnnamed(tmp)
+	if err != nil {
+		return nil, "", err
+	}
+	if ok {
+		return os.NewFile(uintptr(fd), "(unnamed)"), "", nil
+	}
+	name := tmpName()
+	fd, err = unix.Openat(tmp, name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, "", err
+	}
+	return os.NewFile(uintptr(fd), name), name, nil
 }
 
 func tmpName() string {

@@ -190,6 +190,26 @@ func (t *tree) place(tmpDir int, tmpName, rel string) error {
 	return nil
 }
 
+// link gives the unnamed file fd the name rel, creating parents, only if
+// nothing is at rel (unix.EEXIST: the caller places it the checked way). A
+// link is never followed: the new name is one element in a directory opened
+// without links.
+func (t *tree) link(fd int, rel string) error {
+	parent, base := path.Split(rel)
+	pfd, release, err := t.dir(path.Clean(parent), rel, true)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if err := safefs.LinkFd(fd, pfd, base); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return err
+		}
+		return &os.PathError{Op: "link into place", Path: rel, Err: err}
+	}
+	return nil
+}
+
 // setMeta gives the regular file rel its mode and mtime. The app may swap rel
 // for a link at any moment, so nothing is changed by name: the final element
 // is opened O_PATH|O_NOFOLLOW (a link is opened as itself, never followed),

@@ -102,6 +102,35 @@ func TimesFd(fd int, ts []unix.Timespec) error {
 
 func procFd(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
+// CreateUnnamed creates an unnamed regular file in the directory dirfd
+// (O_TMPFILE): it has no name until LinkFd gives it one, so nothing can see it
+// half-written, and creating many at once does not contend on a directory's
+// entries. ok is false where the filesystem has no O_TMPFILE (NFS, old
+// kernels): the caller falls back to a named temp file.
+func CreateUnnamed(dirfd int) (fd int, ok bool, err error) {
+	fd, err = unix.Openat(dirfd, ".", unix.O_RDWR|unix.O_TMPFILE|unix.O_CLOEXEC, 0o600)
+	if err == nil {
+		return fd, true, nil
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+		return -1, false, nil
+	}
+	return -1, false, err
+}
+
+// LinkFd gives the unnamed file fd the name name in the directory dirfd,
+// only if nothing has that name (unix.EEXIST otherwise): the complete file
+// appears at once, as a rename would make it. AT_EMPTY_PATH needs
+// CAP_DAC_READ_SEARCH; without it the descriptor's /proc/self/fd link names
+// the same inode.
+func LinkFd(fd, dirfd int, name string) error {
+	err := unix.Linkat(fd, "", dirfd, name, unix.AT_EMPTY_PATH)
+	if err == nil || errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	return unix.Linkat(unix.AT_FDCWD, procFd(fd), dirfd, name, unix.AT_SYMLINK_FOLLOW)
+}
+
 // Expect is what a caller saw at a path before deciding to replace it.
 type Expect struct {
 	Dev, Ino uint64

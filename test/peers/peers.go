@@ -109,6 +109,16 @@ type Process struct {
 	ch  chan struct{}
 }
 
+// Pid is the running process's id (0 before Start).
+func (p *Process) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}
+
 // Start launches the process; it is killed when the test ends.
 func (p *Process) Start() error {
 	p.mu.Lock()
