@@ -15,7 +15,7 @@
 //	PUT  /files/PATH               store the body as PATH in the data dir, answer "SUM  PATH" once closed
 //	GET  /files/PATH               the file's bytes (404 if missing)
 //	POST /write?files=N&batch=B    what `write -files N -batch B` does (large-kib= too), its output
-//	GET  /                         "ok" (the workload's probes)
+//	any other request              "ok" (the workloads' probes)
 //
 // Every signal received is printed with a timestamp and, when APP_WITNESS names a file, appended
 // to it, so a test can observe the termination order of the containers of a Pod.
@@ -228,7 +228,8 @@ func write(out io.Writer, dir, logFile string, files, largeKiB, lines int, batch
 // stay inside dir (os.Root); a file is answered only once written and closed.
 func handler(dir string) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	// any other path: "ok", for the workloads' own probes (files-api's readiness GET /ready...)
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("PUT /files/{path...}", func(w http.ResponseWriter, r *http.Request) {
 		rel := r.PathValue("path")
 		sum, err := putFile(dir, rel, r.Body)
