@@ -22,8 +22,8 @@ import (
 //     HTTP through each replica's Pod IP all reach S3 and the change log (the union)
 //  2. rolling update (a template annotation): completes with never fewer than 3 available replicas,
 //     and every new Pod's restore brings back the union, byte-identical (sha256 inside the Pod)
-//  3. a Pod force-deleted (--grace-period=0 --force) right after the change log has its uploads: the
-//     replacement restores every acknowledged file
+//  3. a Pod SIGKILLed (every process, no drain) and force-deleted (--grace-period=0 --force) right after
+//     the change log has its uploads: the replacement restores every acknowledged file
 //  4. scale 3 -> 1 right after each replica took new uploads: the removed Pods drain; the remaining
 //     Pod, restarted, restores the union
 func TestDeploymentFleet(t *testing.T) {
@@ -86,17 +86,24 @@ func TestDeploymentFleet(t *testing.T) {
 	}
 
 	// 3. Force delete right after the uploads are acknowledged.
-	t.Log("scenario 3: force delete (--grace-period=0 --force) right after acknowledged uploads")
+	t.Log("scenario 3: SIGKILL + force delete (--grace-period=0 --force) right after acknowledged uploads")
 	victim, before := ps[0], ps
 	start = time.Now()
 	fresh := f.uploadBatch(victim, "forced-"+victim.Name, 10, 512)
 	add(fresh)
 	ack = f.waitAcknowledged(union, time.Minute)
 	t.Logf("phase fleet: app acknowledged -> uploads in the change log: %.1fs", ack.Seconds())
+	// kubectl's force delete alone still gets the containers a SIGTERM and 2 s (the kubelet's minimum
+	// grace period): SIGKILL first, so nothing drains, then remove the Pod object at once.
 	start = time.Now()
+	killed := sigkillPod(t, victim.UID)
 	f.mustK("delete", "pod", victim.Name, "--grace-period=0", "--force")
+	t.Logf("fleet: %s: %d processes SIGKILLed, then force-deleted", victim.Name, killed)
+	if killed < 4 {
+		t.Errorf("SIGKILLed %d processes of %s, want at least the sandbox, app, syncer and logshipper", killed, victim.Name)
+	}
 	ps = f.waitFleet(3, 4*time.Minute)
-	t.Logf("phase fleet: force delete -> 3 replicas Ready again: %.1fs", time.Since(start).Seconds())
+	t.Logf("phase fleet: SIGKILL + force delete -> 3 replicas Ready again: %.1fs", time.Since(start).Seconds())
 	var replacement []podInfo
 	for _, p := range ps {
 		if p.Name == victim.Name {

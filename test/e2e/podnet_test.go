@@ -13,9 +13,12 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,8 +163,8 @@ func (f *fleet) waitFleet(want int, timeout time.Duration) []podInfo {
 		}
 		ps = f.pods()
 		for _, p := range ps {
-			if p.Restarts > 0 {
-				return fmt.Errorf("%s restarted %d times: not waiting for a crash loop to settle", p.Name, p.Restarts)
+			if p.Restarts > 0 { // no restart is expected in any scenario: fail now, not at the deadline
+				f.t.Fatalf("%s: a container restarted (%d restarts)", p.Name, p.Restarts)
 			}
 		}
 		if len(ps) != want {
@@ -314,4 +317,25 @@ func readyTimes(ps []podInfo) string {
 		s = append(s, fmt.Sprintf("%s %.0fs", p.Name, p.readyAfter().Seconds()))
 	}
 	return strings.Join(s, ", ")
+}
+
+// sigkillPod SIGKILLs every process of the Pod on this node (its containers and its sandbox, found by
+// the Pod's cgroup): what a node crash or the OOM killer does — no SIGTERM, nothing drained. The node
+// is this machine only on the rig (podNet's scenarios).
+func sigkillPod(t *testing.T, uid string) int {
+	t.Helper()
+	needles := []string{"/pod" + uid + "/", "pod" + strings.ReplaceAll(uid, "-", "_") + ".slice"}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+	n := 0
+	for _, c := range procs {
+		b, err := os.ReadFile(c)
+		if err != nil || !slices.ContainsFunc(needles, func(s string) bool { return bytes.Contains(b, []byte(s)) }) {
+			continue
+		}
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c)))
+		if err == nil && syscall.Kill(pid, syscall.SIGKILL) == nil {
+			n++
+		}
+	}
+	return n
 }
