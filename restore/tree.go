@@ -5,11 +5,12 @@ import (
 	"fmt"
 	"os"
 	"path"
-	"strconv"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/podkeeper/podkeeper/agents/safefs"
 )
 
 // LinkError is returned when a symbolic link sits where a snapshot path needs
@@ -216,38 +217,15 @@ func (t *tree) setMeta(rel string, mode os.FileMode, mtime time.Time) error {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return &ConflictError{Path: rel, Reason: "no longer a regular file"}
 	}
-	if err := fchmodPath(fd, uint32(mode.Perm())); err != nil {
+	if err := safefs.ChmodFd(fd, uint32(mode.Perm())); err != nil {
 		return &os.PathError{Op: "chmod", Path: rel, Err: err}
 	}
 	ts := []unix.Timespec{unix.NsecToTimespec(mtime.UnixNano()), unix.NsecToTimespec(mtime.UnixNano())}
-	if err := futimesPath(fd, ts); err != nil {
+	if err := safefs.TimesFd(fd, ts); err != nil {
 		return &os.PathError{Op: "set mtime", Path: rel, Err: err}
 	}
 	return nil
 }
-
-// fchmodPath changes the mode of the inode an O_PATH descriptor holds
-// (fchmod refuses O_PATH descriptors): fchmodat2 with AT_EMPTY_PATH (Linux
-// >= 6.6), else the descriptor's /proc/self/fd magic link, which names exactly
-// that inode. Both act on the same inode, so a fallback on any error (ENOSYS,
-// EOPNOTSUPP, a seccomp profile's EPERM) is harmless: a real error repeats.
-func fchmodPath(fd int, mode uint32) error {
-	if unix.Fchmodat(fd, "", mode, unix.AT_EMPTY_PATH) == nil {
-		return nil
-	}
-	return unix.Fchmodat(unix.AT_FDCWD, procFd(fd), mode, 0)
-}
-
-// futimesPath sets the times of the inode an O_PATH descriptor holds, the
-// same way.
-func futimesPath(fd int, ts []unix.Timespec) error {
-	if unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH) == nil {
-		return nil
-	}
-	return unix.UtimesNanoAt(unix.AT_FDCWD, procFd(fd), ts, 0)
-}
-
-func procFd(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
 
 // remove unlinks rel (a file, link or empty directory) without following links.
 func (t *tree) remove(rel string, isDir bool) error {

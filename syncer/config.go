@@ -39,6 +39,9 @@ type Config struct {
 	Watch            string        `env:"SYNC_WATCH" envDefault:"auto" enum:"auto|inotify|poll" help:"How changes are seen: inotify, or poll (walk SYNC_DIR every SYNC_POLL_INTERVAL: readdir and stat per directory; needed on shared volumes, where inotify misses other clients' writes). auto = poll on NFS, SMB/CIFS, FUSE, 9p and CephFS (statfs), inotify elsewhere."`
 	PollInterval     time.Duration `env:"SYNC_POLL_INTERVAL" envDefault:"2s" help:"Time between two walks in poll mode."`
 	Exclusive        bool          `env:"SYNC_EXCLUSIVE" envDefault:"false" help:"Hold the single-writer lease PREFIX/lease.json: a second syncer on the prefix (another namespace/Pod/UID) exits 1. Off: any number of syncers share the prefix."`
+	Pull             bool          `env:"SYNC_PULL" envDefault:"false" help:"Follow the change log and bring the other writers' new, changed and (with SYNC_DELETE) deleted files into SYNC_DIR: replicas converge through the store, no shared volume. Pulled files are verified, placed atomically and never uploaded again."`
+	PullInterval     time.Duration `env:"SYNC_PULL_INTERVAL" envDefault:"1s" help:"Time between two looks at the change log with SYNC_PULL (one LIST of PREFIX/log/ when nothing changed)."`
+	PullMaxBytes     int64         `env:"SYNC_PULL_MAX_BYTES" envDefault:"0" help:"With SYNC_PULL, stop pulling new files once the files this replica holds (its own and pulled ones, as the change log knows them) would pass this many bytes; uploading goes on (0 = no limit)."`
 	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
 	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
 	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Record deletions even when more than half of the files this syncer had are gone (otherwise they are held back as a likely unmounted or wiped volume)."`
@@ -109,6 +112,12 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 func (c *Config) validateFleet(env config.Env, errs *config.Error) {
 	if !errs.Has("SYNC_LOG_INTERVAL") && (c.LogInterval < 10*time.Millisecond || c.LogInterval > time.Minute) {
 		errs.Add("SYNC_LOG_INTERVAL", env.Get("SYNC_LOG_INTERVAL"), "must be between 10ms and 1m")
+	}
+	if !errs.Has("SYNC_PULL_INTERVAL") && (c.PullInterval < 100*time.Millisecond || c.PullInterval > time.Hour) {
+		errs.Add("SYNC_PULL_INTERVAL", env.Get("SYNC_PULL_INTERVAL"), "must be between 100ms and 1h")
+	}
+	if !errs.Has("SYNC_PULL_MAX_BYTES") && c.PullMaxBytes < 0 {
+		errs.Add("SYNC_PULL_MAX_BYTES", env.Get("SYNC_PULL_MAX_BYTES"), "must be 0 (no limit) or a positive number of bytes")
 	}
 	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
 		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")

@@ -143,6 +143,29 @@ func (l *ledger) adopt(f snapshot.File) {
 	l.files[f.Path] = f
 }
 
+// pulled records a file SYNC_PULL put on this disk: it is in the log (by
+// another writer), so the watcher's look at it finds it uploaded. A change of
+// this writer's for the path still waiting for its batch lost to it by the
+// rule and is not sent.
+func (l *ledger) pulled(f snapshot.File) {
+	l.files[f.Path] = f
+	delete(l.staged, f.Path)
+	delete(l.went, f.Path)
+	if _, ok := l.sending[f.Path]; ok {
+		l.dropped[f.Path] = true
+	}
+}
+
+// drop forgets a file SYNC_PULL removed because another writer's deletion
+// won: no tombstone of this writer's follows (it is in the log already).
+func (l *ledger) drop(rel string) {
+	delete(l.files, rel)
+	delete(l.staged, rel)
+	if _, ok := l.sending[rel]; ok {
+		l.dropped[rel] = true
+	}
+}
+
 // has reports whether rel is known as a file of this writer.
 func (l *ledger) has(rel string) bool {
 	c, ok := l.change(rel)

@@ -30,6 +30,20 @@ type metrics struct {
 	lastSnapshot  prometheus.Gauge
 	watches       prometheus.Gauge
 	massDelete    prometheus.Gauge
+	pull          pullMetrics
+}
+
+// pullMetrics are SYNC_PULL's: how far behind the log this replica is and
+// what it brought down.
+type pullMetrics struct {
+	files     prometheus.Counter
+	bytes     prometheus.Counter
+	deletions prometheus.Counter
+	conflicts prometheus.Counter
+	errors    prometheus.Counter
+	looks     prometheus.Counter
+	lag       prometheus.Gauge
+	limited   prometheus.Gauge
 }
 
 func newMetrics(h *health.Server) *metrics {
@@ -59,6 +73,17 @@ func newMetrics(h *health.Server) *metrics {
 		watches:       g("watches", "Directories watched."),
 		massDelete:    g("mass_delete_blocked", "1 while deletions are held back by the mass-delete guard."),
 	}
+	m.pull = pullMetrics{
+		files:     c("pull_files_total", "Files of other writers brought into SYNC_DIR (SYNC_PULL)."),
+		bytes:     c("pull_bytes_total", "Bytes of the files pulled."),
+		deletions: c("pull_deletions_total", "Files removed from SYNC_DIR because another writer's deletion won (SYNC_PULL with SYNC_DELETE)."),
+		conflicts: c("pull_conflicts_total", "Local versions that lost to a pulled one by the rule and were kept as .sync-conflict- files."),
+		errors:    c("pull_errors_total", "Pulls that failed (download, verification, placement); retried at the next look."),
+		looks:     c("pull_looks_total", "Looks at the change log (one LIST each, plus a GET per new batch)."),
+		lag:       g("pull_lag_seconds", "Age of the newest change-log batch applied to SYNC_DIR (grows while nothing is written anywhere)."),
+		limited:   g("pull_limited", "1 while new files are not pulled because of SYNC_PULL_MAX_BYTES."),
+	}
+	h.Registry.MustRegister(m.pull.files, m.pull.bytes, m.pull.deletions, m.pull.conflicts, m.pull.errors, m.pull.looks, m.pull.lag, m.pull.limited)
 	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
 		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
 	for _, r := range []string{"ok", "error", "changed"} {

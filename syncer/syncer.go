@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -52,6 +53,10 @@ type Syncer struct {
 	newNotifier func() (notifier, error)
 	// polling: SYNC_WATCH resolved to poll (no events: a walk per interval).
 	polling bool
+	// pullTmp and pulls are SYNC_PULL's: its temp directory (the state dir's
+	// pull/, on SYNC_DIR's filesystem) and the puller's requests to the loop.
+	pullTmp *safefs.Root
+	pulls   chan pullRequest
 }
 
 // New builds a syncer on deps.Store, which is required. It does not touch the
@@ -149,6 +154,14 @@ func (s *Syncer) Run(ctx context.Context) error {
 	s.health.SetStarted()
 	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.led.files))
 
+	if s.cfg.Pull {
+		stop, err := s.startPull(ctx, root)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
 	compCtx, stopCompacting := context.WithCancel(ctx)
 	compDone := make(chan struct{})
 	go func() { defer close(compDone); s.comp.run(compCtx) }()
@@ -158,6 +171,36 @@ func (s *Syncer) Run(ctx context.Context) error {
 	err = s.loop(ctx, workCtx, workCancel, leaseLost)
 	clean = err == nil
 	return err
+}
+
+// startPull opens the pull directory and starts the puller; stop ends it.
+// Pulling stops at SIGTERM: a draining replica only uploads.
+func (s *Syncer) startPull(ctx context.Context, root *safefs.Root) (stop func(), err error) {
+	tmp, err := openJournals(root, s.cfg.Dir, filepath.Join(s.cfg.StateDir, "pull"))
+	if err != nil {
+		return nil, fmt.Errorf("state directory SYNC_STATE_DIR=%s: %w", s.cfg.StateDir, err)
+	}
+	if !sameFilesystem(root, tmp) {
+		tmp.Close()
+		return nil, fmt.Errorf("SYNC_STATE_DIR=%s is not on the filesystem of SYNC_DIR=%s: SYNC_PULL renames its downloads into place and needs both on one (leave SYNC_STATE_DIR unset)", s.cfg.StateDir, s.cfg.Dir)
+	}
+	s.pullTmp, s.pulls = tmp, make(chan pullRequest)
+	p := newPuller(s, tmp, s.pulls)
+	pctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); p.run(pctx) }()
+	return func() { cancel(); <-done; tmp.Close() }, nil
+}
+
+func sameFilesystem(a, b *safefs.Root) bool {
+	fa, err1 := a.Stat()
+	fb, err2 := b.Stat()
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	sa, ok1 := fa.Sys().(*syscall.Stat_t)
+	sb, ok2 := fb.Sys().(*syscall.Stat_t)
+	return ok1 && ok2 && sa.Dev == sb.Dev
 }
 
 // holdLease takes the single-writer lease with SYNC_EXCLUSIVE=true (without
@@ -281,6 +324,8 @@ func (s *Syncer) loop(ctx, workCtx context.Context, workCancel context.CancelFun
 			s.onResult(r, time.Now())
 		case r := <-s.led.done:
 			s.led.ack(r)
+		case r := <-s.pulls:
+			r.reply <- s.placePulled(r)
 		case <-pollC:
 			s.poll(time.Now())
 		case err := <-leaseLost:
@@ -398,6 +443,12 @@ func (s *Syncer) onEvent(ev fsnotify.Event, now time.Time) {
 	c := s.w.change(ev)
 	switch c.kind {
 	case removed:
+		if st, err := s.stat(c.rel); err == nil {
+			// A file is there again: renamed over (the write-then-rename
+			// pattern, a pull's exchange), not removed.
+			s.q.consider(c.rel, st, now, false)
+			return
+		}
 		s.gone(c.rel)
 	case fileChanged:
 		s.q.touch(c.rel, c.stat, now, c.immediate)

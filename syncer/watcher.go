@@ -47,6 +47,7 @@ type watcher struct {
 	root     *safefs.Root // SYNC_DIR, set by Run: stats never follow a link
 	stateDir string
 	exclude  []string
+	pull     bool // SYNC_PULL: its conflict files are excluded
 	log      *slog.Logger
 	m        *metrics
 
@@ -62,7 +63,7 @@ type watcher struct {
 }
 
 func newWatcher(cfg *Config, log *slog.Logger, m *metrics) *watcher {
-	return &watcher{dir: cfg.Dir, stateDir: cfg.StateDir, exclude: cfg.Exclude, log: log, m: m}
+	return &watcher{dir: cfg.Dir, stateDir: cfg.StateDir, exclude: cfg.Exclude, pull: cfg.Pull, log: log, m: m}
 }
 
 func (w *watcher) open(newNotifier func() (notifier, error)) error {
@@ -102,10 +103,15 @@ func (w *watcher) isStateDir(abs string) bool {
 }
 
 // excluded reports whether rel matches SYNC_EXCLUDE by full relative path or
-// by base name.
-func (w *watcher) excluded(rel string) bool {
+// by base name. With SYNC_PULL the conflict files it keeps are excluded too.
+func (w *watcher) excluded(rel string) bool { return excluded(w.exclude, w.pull, rel) }
+
+func excluded(patterns []string, pull bool, rel string) bool {
 	base := path.Base(rel)
-	for _, p := range w.exclude {
+	if pull && strings.Contains(base, conflictMarker) {
+		return true
+	}
+	for _, p := range patterns {
 		if ok, _ := path.Match(p, rel); ok {
 			return true
 		}

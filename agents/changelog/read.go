@@ -56,6 +56,7 @@ type Folded struct {
 	Base       *snapshot.Manifest // that checkpoint, when no batch came after it
 	Batches    int                // batches applied
 	Newest     time.Time          // stamp of the newest batch applied
+	Applied    []string           // keys of the batches applied
 }
 
 // FoldState is Fold with tombstones kept and the provenance returned.
@@ -82,8 +83,9 @@ func FoldState(ctx context.Context, st store.Store, at time.Time) (*Folded, erro
 	if err != nil {
 		return nil, err
 	}
-	for _, b := range batches {
+	for i, b := range batches {
 		f.State.Apply(b)
+		f.Applied = append(f.Applied, tail[i].Key)
 		f.Batches++
 		if b.Time.After(f.Newest) {
 			f.Newest = b.Time

@@ -47,6 +47,31 @@ type Store interface {
 	String() string
 }
 
+// ListerAfter is the optional ability to start a listing after a key (S3's
+// StartAfter): a reader that follows an append-only directory then pays for
+// what is new, not for the whole directory, on every look.
+type ListerAfter interface {
+	ListAfter(ctx context.Context, prefix, after string) iter.Seq2[ObjectInfo, error]
+}
+
+// ListAfter lists the objects under prefix whose key sorts after after ("":
+// all), through the store's ListerAfter or else by filtering List.
+func ListAfter(ctx context.Context, st Store, prefix, after string) iter.Seq2[ObjectInfo, error] {
+	if la, ok := st.(ListerAfter); ok {
+		return la.ListAfter(ctx, prefix, after)
+	}
+	return func(yield func(ObjectInfo, error) bool) {
+		for o, err := range st.List(ctx, prefix) {
+			if err == nil && o.Key <= after {
+				continue
+			}
+			if !yield(o, err) {
+				return
+			}
+		}
+	}
+}
+
 // PutOptions are the optional parts of a Put.
 type PutOptions struct {
 	// Metadata is user metadata (x-amz-meta-*). Keys are lower-case ASCII.

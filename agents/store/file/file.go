@@ -265,6 +265,12 @@ func (s *Store) headOpen(key string, f *os.File) (store.ObjectInfo, error) {
 }
 
 func (s *Store) List(ctx context.Context, prefix string) iter.Seq2[store.ObjectInfo, error] {
+	return s.ListAfter(ctx, prefix, "")
+}
+
+// ListAfter implements store.ListerAfter: keys up to after are skipped before
+// they cost a read of their metadata.
+func (s *Store) ListAfter(ctx context.Context, prefix, after string) iter.Seq2[store.ObjectInfo, error] {
 	return func(yield func(store.ObjectInfo, error) bool) {
 		// Walk only the deepest directory the prefix names, then sort: a directory
 		// walk orders "a/b" before "a-b", S3 orders bytes.
@@ -291,7 +297,7 @@ func (s *Store) List(ctx context.Context, prefix string) iter.Seq2[store.ObjectI
 				}
 				return nil
 			}
-			if d.Type().IsRegular() && strings.HasPrefix(rel, prefix) {
+			if d.Type().IsRegular() && strings.HasPrefix(rel, prefix) && rel > after {
 				keys = append(keys, rel)
 			}
 			return nil

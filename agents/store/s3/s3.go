@@ -287,10 +287,17 @@ func (s *Store) Head(ctx context.Context, key string, opts store.HeadOptions) (s
 }
 
 func (s *Store) List(ctx context.Context, prefix string) iter.Seq2[store.ObjectInfo, error] {
+	return s.ListAfter(ctx, prefix, "")
+}
+
+// ListAfter implements store.ListerAfter with ListObjectsV2's StartAfter.
+func (s *Store) ListAfter(ctx context.Context, prefix, after string) iter.Seq2[store.ObjectInfo, error] {
 	return func(yield func(store.ObjectInfo, error) bool) {
-		p := awss3.NewListObjectsV2Paginator(s.client, &awss3.ListObjectsV2Input{
-			Bucket: aws.String(s.bucket), Prefix: aws.String(s.fullKey(prefix)),
-		})
+		in := &awss3.ListObjectsV2Input{Bucket: aws.String(s.bucket), Prefix: aws.String(s.fullKey(prefix))}
+		if after != "" {
+			in.StartAfter = aws.String(s.fullKey(after))
+		}
+		p := awss3.NewListObjectsV2Paginator(s.client, in)
 		for p.HasMorePages() {
 			page, err := p.NextPage(ctx)
 			if err != nil {

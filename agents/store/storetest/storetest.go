@@ -62,6 +62,7 @@ func Run(t *testing.T, b Backend) {
 		{"Ranges", checkRanges},
 		{"OverwriteAndDelete", checkOverwriteAndDelete},
 		{"ListPagingPast1000", checkListPagingPast1000},
+		{"ListAfter", checkListAfter},
 		{"ContextCancelled", checkContextCancelled},
 	}
 	for _, c := range checks {
@@ -417,5 +418,38 @@ func parallel(t *testing.T, items []string, fn func(string) error) {
 	wg.Wait()
 	if first != nil {
 		t.Fatal(first)
+	}
+}
+
+// listOnly hides every optional ability of a store: store.ListAfter's
+// fallback must give what the capability gives.
+type listOnly struct{ store.Store }
+
+func checkListAfter(t *testing.T, s store.Store) {
+	for _, k := range []string{"log/1", "log/2", "log/2x", "log/3", "logz/1", "other"} {
+		if _, err := s.Put(ctx, k, strings.NewReader(k), int64(len(k)), store.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, native := s.(store.ListerAfter)
+	for _, c := range []struct{ after, want string }{
+		{"", "log/1 log/2 log/2x log/3"},
+		{"log/2", "log/2x log/3"},
+		{"log/0", "log/1 log/2 log/2x log/3"},
+		{"log/3", ""},
+		{"log/9", ""},
+	} {
+		for name, st := range map[string]store.Store{"store": s, "fallback": listOnly{s}} {
+			var got []string
+			for o, err := range store.ListAfter(ctx, st, "log/", c.after) {
+				if err != nil {
+					t.Fatal(err)
+				}
+				got = append(got, o.Key)
+			}
+			if g := strings.Join(got, " "); g != c.want {
+				t.Errorf("%s (native %v): ListAfter(log/, %q) = %q, want %q", name, native, c.after, g, c.want)
+			}
+		}
 	}
 }
