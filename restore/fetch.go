@@ -18,7 +18,9 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
+	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -69,30 +71,30 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 	stop := r.logProgress(ctx, time.Now())
 	defer stop()
 
-	var small, large []snapshot.File
-	for _, f := range p.fetch {
-		if f.Size >= r.rangeThreshold {
-			large = append(large, f)
+	var small, large []int32
+	for _, i := range p.fetch {
+		if p.files.Size(int(i)) >= r.rangeThreshold {
+			large = append(large, i)
 		} else {
-			small = append(small, f)
+			small = append(small, i)
 		}
 	}
 	// Small files: one GET each, largest first (so the tail is the quickest
 	// files, not one big one alone on the wire), as many at a time as the
 	// adaptive limiter allows; the first failure cancels the others.
-	slices.SortStableFunc(small, func(a, b snapshot.File) int { return cmp.Compare(b.Size, a.Size) })
-	lim := newLimiter(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
+	slices.SortStableFunc(small, func(a, b int32) int { return cmp.Compare(p.files.Size(int(b)), p.files.Size(int(a))) })
+	lim := adaptive.New(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
 	g, gctx := errgroup.WithContext(context.WithValue(ctx, limiterKey{}, lim))
-	for _, f := range small {
-		if lim.acquire(gctx) != nil {
+	for _, i := range small {
+		if lim.Acquire(gctx) != nil {
 			break
 		}
 		g.Go(func() error {
-			defer lim.release()
-			if err := r.fetchFile(gctx, t, tmp, f); err != nil {
+			defer lim.Release()
+			if err := r.fetchFile(gctx, t, tmp, p.files.At(int(i))); err != nil {
 				return err
 			}
-			lim.done(time.Now())
+			lim.Done(time.Now())
 			return nil
 		})
 	}
@@ -103,8 +105,8 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 		r.log.Debug("small files fetched", "files", len(small), "final_concurrency", lim.Limit())
 	}
 	// Large files one after another, each with Concurrency ranged GETs.
-	for _, f := range large {
-		if err := r.fetchFile(ctx, t, tmp, f); err != nil {
+	for _, i := range large {
+		if err := r.fetchFile(ctx, t, tmp, p.files.At(int(i))); err != nil {
 			return err
 		}
 	}
@@ -143,7 +145,8 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 		}
 	}()
 	var sum string
-	if f.Size >= r.rangeThreshold {
+	if f.Size >= r.rangeThreshold && f.Encoding == codec.None {
+		// An encoded object is fetched whole: its ranges are not the file's.
 		sum, err = r.downloadRanges(ctx, file, f)
 	} else {
 		sum, err = r.downloadWhole(ctx, file, f)
@@ -198,8 +201,8 @@ func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptio
 	opts.VersionID = f.VersionID
 	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
 		r.log.Warn("download failed, retrying", "path", f.Path, "attempt", attempt+1, "wait", wait.Round(time.Millisecond), "err", err)
-		if lim, ok := ctx.Value(limiterKey{}).(*limiter); ok && isThrottle(err) {
-			lim.throttled(time.Now())
+		if lim, ok := ctx.Value(limiterKey{}).(*adaptive.Limiter); ok && adaptive.IsThrottle(err) {
+			lim.Throttled(time.Now())
 		}
 	}, func(ctx context.Context) error {
 		rc, info, err := r.st.Get(ctx, key, opts)
@@ -207,7 +210,10 @@ func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptio
 			return err
 		}
 		defer rc.Close()
-		if info.Size != f.Size {
+		if got := info.Metadata[snapshot.MetaEncoding]; info.Metadata != nil && got != f.Encoding {
+			return &ChangedError{Path: f.Path, Key: key, Want: "encoding " + encodingText(f.Encoding), Got: "an object stored with encoding " + encodingText(got), VersionID: f.VersionID}
+		}
+		if f.Encoding == codec.None && info.Size != f.Size {
 			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: fmt.Sprintf("size %d", info.Size), VersionID: f.VersionID}
 		}
 		return body(rc, info)
@@ -241,9 +247,20 @@ func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.
 		}
 		bp := pool.Get().(*[]byte)
 		defer pool.Put(bp)
-		n, err := copyCounted(w, io.LimitReader(body, f.Size+1), *bp, &r.prog)
+		src := io.LimitReader(body, f.Size+1)
+		if f.Encoding != codec.None {
+			// Decoded while it downloads; the decoder stops one byte past
+			// the recorded size (a bomb costs at most that much).
+			rc, err := codec.DecodeSized(f.Encoding, body, f.Size)
+			if err != nil {
+				return r.undecodable(f, err)
+			}
+			defer rc.Close()
+			src = rc
+		}
+		n, err := copyCounted(w, src, *bp, &r.prog)
 		if err != nil {
-			return err
+			return r.undecodable(f, err)
 		}
 		if n > f.Size {
 			return &ChangedError{Path: f.Path, Key: key, Want: fmt.Sprintf("size %d", f.Size), Got: "more bytes", VersionID: f.VersionID}
@@ -258,6 +275,25 @@ func (r *Restorer) downloadWhole(ctx context.Context, file *os.File, f snapshot.
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// undecodable turns the decoder's refusal of an object into a ChangedError
+// (permanent: the stored bytes are not the recorded content); other errors,
+// the network's, pass unchanged.
+func (r *Restorer) undecodable(f snapshot.File, err error) error {
+	var ie *codec.InvalidError
+	if !errors.As(err, &ie) {
+		return err
+	}
+	return &ChangedError{Path: f.Path, Key: snapshot.DataKey(f.Path), Want: fmt.Sprintf("%s-encoded content of %d bytes", f.Encoding, f.Size),
+		Got: ie.Error(), VersionID: f.VersionID}
+}
+
+func encodingText(enc string) string {
+	if enc == codec.None {
+		return "none"
+	}
+	return enc
 }
 
 // copyCounted copies like io.CopyBuffer and adds progress as it goes. Read

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -35,14 +37,14 @@ func List(ctx context.Context, st store.Store) ([]ListEntry, error) {
 	out := make([]ListEntry, len(infos))
 	for i, info := range infos {
 		out[i].Info = info
-		m, err := snapshot.Load(ctx, st, info)
+		m, err := snapshot.LoadCompact(ctx, st, info)
 		if err != nil {
 			out[i].Err = err
 			continue
 		}
-		out[i].Files = len(m.Files)
-		for _, f := range m.Files {
-			out[i].Bytes += f.Size
+		out[i].Files = m.Files.Len()
+		for j := range m.Files.Len() {
+			out[i].Bytes += m.Files.Size(j)
 		}
 	}
 	return out, nil
@@ -83,13 +85,13 @@ func Verify(ctx context.Context, st store.Store, spec string, deep bool, concurr
 	if err != nil {
 		return nil, err
 	}
-	rep := &VerifyReport{Snapshot: m.ID, Files: len(m.Files)}
+	rep := &VerifyReport{Snapshot: m.ID, Files: m.Files.Len()}
 	var mu sync.Mutex
 	// A check that cannot run is reported, but does not stop the others: the
 	// report still lists every problem found.
 	var g errgroup.Group
-	g.SetLimit(max(1, min(concurrency, len(m.Files))))
-	for _, f := range m.Files {
+	g.SetLimit(max(1, min(concurrency, m.Files.Len())))
+	for _, f := range m.Files.All() {
 		rep.Bytes += f.Size
 		g.Go(func() error {
 			reason, err := verifyOne(ctx, st, f, deep)
@@ -124,7 +126,14 @@ func verifyOne(ctx context.Context, st store.Store, f snapshot.File, deep bool) 
 	if err != nil {
 		return "", err
 	}
-	if info.Size != f.Size {
+	if enc := info.Metadata[snapshot.MetaEncoding]; enc != f.Encoding {
+		return fmt.Sprintf("object %s%s is stored with encoding %s, the snapshot says %s", key, versionText(f), encodingText(enc), encodingText(f.Encoding)), nil
+	}
+	if f.Encoding != codec.None {
+		if got := info.Metadata[snapshot.MetaSize]; got != strconv.FormatInt(f.Size, 10) {
+			return fmt.Sprintf("object %s%s has size metadata %q, the snapshot says %d", key, versionText(f), got, f.Size), nil
+		}
+	} else if info.Size != f.Size {
 		return fmt.Sprintf("object %s%s has %d bytes, the snapshot says %d", key, versionText(f), info.Size, f.Size), nil
 	}
 	if got := info.Metadata[snapshot.MetaSHA256]; got != f.SHA256 {
@@ -134,14 +143,27 @@ func verifyOne(ctx context.Context, st store.Store, f snapshot.File, deep bool) 
 		return "", nil
 	}
 	var sum string
+	var invalid *codec.InvalidError
 	err = retry(ctx, func(ctx context.Context) error {
 		rc, _, err := st.Get(ctx, key, store.GetOptions{VersionID: f.VersionID})
 		if err != nil {
 			return err
 		}
 		defer rc.Close()
+		// Decoded (when encoded) and held to the recorded size.
+		content, err := codec.DecodeSized(f.Encoding, rc, f.Size)
+		if err != nil {
+			if errors.As(err, &invalid) {
+				return nil
+			}
+			return err
+		}
+		defer content.Close()
 		h := sha256.New()
-		if _, err := io.Copy(h, rc); err != nil {
+		if _, err := io.Copy(h, content); err != nil {
+			if errors.As(err, &invalid) {
+				return nil
+			}
 			return retryableRead("get", key, err)
 		}
 		sum = hex.EncodeToString(h.Sum(nil))
@@ -149,6 +171,9 @@ func verifyOne(ctx context.Context, st store.Store, f snapshot.File, deep bool) 
 	})
 	if err != nil {
 		return "", err
+	}
+	if invalid != nil {
+		return fmt.Sprintf("object %s%s: %v", key, versionText(f), invalid), nil
 	}
 	if sum != f.SHA256 {
 		return fmt.Sprintf("object %s%s hashes to %s, the snapshot says %s", key, versionText(f), sum, f.SHA256), nil
@@ -200,6 +225,9 @@ func Conflicts(ctx context.Context, st store.Store) ([]Conflict, error) {
 		c := Conflict{Path: rest[:i], Key: o.Key, Size: o.Size}
 		if info, err := st.Head(ctx, o.Key, store.HeadOptions{}); err == nil {
 			c.Writer, c.MTime, c.SHA256 = info.Metadata["writer"], info.Metadata[snapshot.MetaMTime], info.Metadata[snapshot.MetaSHA256]
+			if n, err := strconv.ParseInt(info.Metadata[snapshot.MetaSize], 10, 64); err == nil && info.Metadata[snapshot.MetaEncoding] != "" {
+				c.Size = n // the content's size, not the encoded object's
+			}
 		}
 		out = append(out, c)
 	}

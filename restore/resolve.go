@@ -17,13 +17,13 @@ import (
 // instant (the newest checkpoint at or before it plus the batches stamped up
 // to it); a snapshot id is that snapshot as it was written. A prefix written
 // by a single-writer release has only snapshots: its newest is the fold.
-func Resolve(ctx context.Context, st store.Store, spec string) (*snapshot.Manifest, error) {
+func Resolve(ctx context.Context, st store.Store, spec string) (*snapshot.Compact, error) {
 	if spec != "" && spec != "latest" && snapshot.ValidateID(spec) == nil {
 		info, err := snapshot.Resolve(ctx, st, spec)
 		if err != nil {
 			return nil, err
 		}
-		m, err := snapshot.Load(ctx, st, info)
+		m, err := snapshot.LoadCompact(ctx, st, info)
 		if err != nil {
 			return nil, fmt.Errorf("refusing snapshot %s: %w", info.ID, err)
 		}
@@ -37,15 +37,13 @@ func Resolve(ctx context.Context, st store.Store, spec string) (*snapshot.Manife
 		}
 		at = t
 	}
-	m, err := changelog.Fold(ctx, st, at)
+	// The fold is checked as it is built (every rule of a manifest).
+	m, err := changelog.FoldCompact(ctx, st, at)
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
 		return nil, err
 	}
 	if err != nil {
 		return nil, fmt.Errorf("refusing the change log: %w", err)
-	}
-	if err := m.Validate(); err != nil {
-		return nil, fmt.Errorf("refusing the fold of the change log: %w", err)
 	}
 	return m, nil
 }

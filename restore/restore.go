@@ -176,7 +176,7 @@ func (r *Restorer) run(ctx context.Context, start time.Time) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.log.Info("plan", "snapshot", m.ID, "created", m.Created, "files", len(m.Files),
+	r.log.Info("plan", "snapshot", m.ID, "created", m.Created, "files", m.Files.Len(),
 		"fetch_files", len(p.fetch), "fetch_bytes", p.fetchBytes, "skip_files", p.skip, "skip_bytes", p.skipBytes,
 		"fix_metadata", len(p.fix), "remove", len(p.remove))
 	if err := checkSpace(t.root, p.fetchBytes); err != nil {
@@ -209,7 +209,7 @@ func (r *Restorer) skipNotEmpty(t *tree, stateRel string, start time.Time) (*Res
 
 // manifest finds and loads the snapshot to restore; nil without an error
 // means there is none and RESTORE_IF_MISSING=empty allows that.
-func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Manifest, error) {
+func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Compact, error) {
 	cfg := r.cfg
 	m, err := Resolve(ctx, r.st, cfg.Snapshot)
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
@@ -223,9 +223,14 @@ func (r *Restorer) manifest(ctx context.Context, stateRel string) (*snapshot.Man
 		return nil, fmt.Errorf("find snapshot: %w", err)
 	}
 	if stateRel != "" {
-		for _, f := range m.Files {
-			if f.Path == stateRel || strings.HasPrefix(f.Path, stateRel+"/") {
-				return nil, fmt.Errorf("refusing snapshot %s: file %q lies in the state directory %s", m.ID, f.Path, cfg.StateDir)
+		// Paths are sorted: the state dir's would start where stateRel would be.
+		for i, _ := m.Files.Find(stateRel); i < m.Files.Len(); i++ {
+			p := m.Files.Path(i)
+			if p == stateRel || strings.HasPrefix(p, stateRel+"/") {
+				return nil, fmt.Errorf("refusing snapshot %s: file %q lies in the state directory %s", m.ID, p, cfg.StateDir)
+			}
+			if !strings.HasPrefix(p, stateRel) {
+				break
 			}
 		}
 	}
@@ -245,7 +250,8 @@ func (r *Restorer) apply(ctx context.Context, t *tree, state stateDirs, p *plan)
 			return 0, err
 		}
 	}
-	for _, f := range p.fix {
+	for _, i := range p.fix {
+		f := p.files.At(int(i))
 		if err := t.setMeta(f.Path, os.FileMode(f.Mode), f.MTime); err != nil {
 			return 0, err
 		}
@@ -261,12 +267,12 @@ func (r *Restorer) apply(ctx context.Context, t *tree, state stateDirs, p *plan)
 }
 
 // finish writes restored.json and logs the outcome.
-func (r *Restorer) finish(state stateDirs, m *snapshot.Manifest, p *plan, start time.Time, syncTime time.Duration) (*Result, error) {
+func (r *Restorer) finish(state stateDirs, m *snapshot.Compact, p *plan, start time.Time, syncTime time.Duration) (*Result, error) {
 	var total int64
-	for _, f := range m.Files {
-		total += f.Size
+	for i := range m.Files.Len() {
+		total += m.Files.Size(i)
 	}
-	res := &Result{Snapshot: m.ID, Created: m.Created, Files: len(m.Files), Bytes: total, Fetched: len(p.fetch),
+	res := &Result{Snapshot: m.ID, Created: m.Created, Files: m.Files.Len(), Bytes: total, Fetched: len(p.fetch),
 		FetchedBytes: p.fetchBytes, Skipped: p.skip, Fixed: len(p.fix), Removed: len(p.remove), Outcome: "restored"}
 	res.Finished = time.Now().UTC()
 	res.Duration = time.Since(start)
@@ -392,12 +398,15 @@ type removal struct {
 	dir  bool
 }
 
+// plan names files by their position in the manifest's index (4 bytes, not
+// a File of about 260).
 type plan struct {
-	fetch      []snapshot.File
+	files      *snapshot.Index
+	fetch      []int32
 	fetchBytes int64
 	skip       int
 	skipBytes  int64
-	fix        []snapshot.File
+	fix        []int32
 	remove     []removal
 }
 
@@ -445,18 +454,18 @@ func scan(dir, stateRel string) (map[string]localEntry, error) {
 
 // plan compares the snapshot with the disk. Links in the way are refused in
 // every mode; files or directories in the way are removed only under mirror.
-func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, error) {
+func (r *Restorer) plan(t *tree, m *snapshot.Compact, stateRel string) (*plan, error) {
 	local, err := scan(r.cfg.Dir, stateRel)
 	if err != nil {
 		return nil, err
 	}
 	pl := &planner{r: r, t: t, m: m, local: local, mirror: r.cfg.Mode == ModeMirror,
-		needed: neededDirs(m), remove: map[string]bool{}, p: &plan{}}
+		needed: neededDirs(m.Files), remove: map[string]bool{}, p: &plan{files: m.Files}}
 	if err := pl.dirs(); err != nil {
 		return nil, err
 	}
-	for _, f := range m.Files {
-		if err := pl.file(f); err != nil {
+	for i, f := range m.Files.All() {
+		if err := pl.file(int32(i), f); err != nil {
 			return nil, err
 		}
 	}
@@ -471,7 +480,7 @@ func (r *Restorer) plan(t *tree, m *snapshot.Manifest, stateRel string) (*plan, 
 type planner struct {
 	r      *Restorer
 	t      *tree
-	m      *snapshot.Manifest
+	m      *snapshot.Compact
 	local  map[string]localEntry
 	mirror bool
 	needed map[string]bool // directories above the snapshot's files
@@ -479,10 +488,10 @@ type planner struct {
 	p      *plan
 }
 
-func neededDirs(m *snapshot.Manifest) map[string]bool {
+func neededDirs(files *snapshot.Index) map[string]bool {
 	needed := map[string]bool{}
-	for _, f := range m.Files {
-		for d := path.Dir(f.Path); d != "."; d = path.Dir(d) {
+	for i := range files.Len() {
+		for d := path.Dir(files.Path(i)); d != "."; d = path.Dir(d) {
 			if needed[d] {
 				break
 			}
@@ -511,7 +520,7 @@ func (pl *planner) dirs() error {
 
 // file decides whether f is fetched, only gets its mode and mtime fixed, or
 // is already there.
-func (pl *planner) file(f snapshot.File) error {
+func (pl *planner) file(i int32, f snapshot.File) error {
 	p := pl.p
 	e, ok := pl.local[f.Path]
 	switch {
@@ -532,7 +541,7 @@ func (pl *planner) file(f snapshot.File) error {
 		ok = false
 	}
 	if !ok || pl.remove[f.Path] {
-		p.fetch = append(p.fetch, f)
+		p.fetch = append(p.fetch, i)
 		p.fetchBytes += f.Size
 		return nil
 	}
@@ -542,10 +551,10 @@ func (pl *planner) file(f snapshot.File) error {
 	}
 	switch {
 	case !same:
-		p.fetch = append(p.fetch, f)
+		p.fetch = append(p.fetch, i)
 		p.fetchBytes += f.Size
 	case !metaOK:
-		p.fix = append(p.fix, f)
+		p.fix = append(p.fix, i)
 		p.skip++
 		p.skipBytes += f.Size
 	default:
@@ -558,10 +567,7 @@ func (pl *planner) file(f snapshot.File) error {
 // extras marks for removal, under mirror, everything on disk the snapshot
 // lacks, deepest first.
 func (pl *planner) extras() {
-	inSnap := make(map[string]bool, len(pl.m.Files))
-	for _, f := range pl.m.Files {
-		inSnap[f.Path] = true
-	}
+	inSnap := func(p string) bool { _, ok := pl.m.Files.Find(p); return ok }
 	for rel, e := range pl.local {
 		if e.mode.IsDir() && !pl.remove[rel] {
 			if !pl.needed[rel] {
@@ -569,7 +575,7 @@ func (pl *planner) extras() {
 			}
 			continue
 		}
-		if !inSnap[rel] && !pl.remove[rel] {
+		if !inSnap(rel) && !pl.remove[rel] {
 			pl.remove[rel] = true
 		}
 	}
@@ -586,10 +592,10 @@ func (pl *planner) extras() {
 	})
 }
 
-func firstUnder(m *snapshot.Manifest, dir string) string {
-	for _, f := range m.Files {
-		if strings.HasPrefix(f.Path, dir+"/") {
-			return f.Path
+func firstUnder(m *snapshot.Compact, dir string) string {
+	if i, _ := m.Files.Find(dir + "/"); i < m.Files.Len() {
+		if p := m.Files.Path(i); strings.HasPrefix(p, dir+"/") {
+			return p
 		}
 	}
 	return dir

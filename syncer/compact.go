@@ -186,20 +186,43 @@ func (c *compactor) retain(ctx context.Context, now time.Time) error {
 	return c.deleteData(ctx, all, now)
 }
 
-// deleteData deletes the data objects of deleted files (SYNC_DELETE).
+// deleteData deletes the data objects of deleted files (SYNC_DELETE). It
+// holds one manifest at a time: first the fold picks the candidates (not
+// live, older than the margin), then each kept snapshot and batch clears
+// those it still lists.
 func (c *compactor) deleteData(ctx context.Context, kept []snapshot.Info, now time.Time) error {
 	f, err := changelog.FoldState(ctx, c.st, time.Time{})
 	if err != nil {
 		return err
 	}
+	var candidates []string
+	for o, err := range c.st.List(ctx, snapshot.DataDir) {
+		if err != nil {
+			return err
+		}
+		rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
+		// Not live: deleted, or its tombstone already folded away by a
+		// checkpoint, or an upload never logged (its writer was killed
+		// before the batch; a live writer logs it within the margin).
+		if e, ok := f.State.Get(rel); (ok && !e.Deleted) || o.ModTime.After(now.Add(-c.margin)) {
+			continue
+		}
+		candidates = append(candidates, rel)
+	}
+	f = nil
+	if len(candidates) == 0 {
+		return nil
+	}
 	referenced := map[string]bool{}
 	for _, info := range kept {
-		m, err := snapshot.Load(ctx, c.st, info)
+		m, err := snapshot.LoadCompact(ctx, c.st, info)
 		if err != nil {
 			return fmt.Errorf("retention: cannot read snapshot %s, deleting nothing: %w", info.ID, err)
 		}
-		for _, fl := range m.Files {
-			referenced[fl.Path] = true
+		for _, rel := range candidates {
+			if _, ok := m.Files.Find(rel); ok {
+				referenced[rel] = true
+			}
 		}
 	}
 	infos, err := changelog.List(ctx, c.st, kept[0].Created)
@@ -217,22 +240,16 @@ func (c *compactor) deleteData(ctx context.Context, kept []snapshot.Info, now ti
 			}
 		}
 	}
-	for o, err := range c.st.List(ctx, snapshot.DataDir) {
-		if err != nil {
-			return err
-		}
-		rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
-		// Not live: deleted, or its tombstone already folded away by a
-		// checkpoint, or an upload never logged (its writer was killed
-		// before the batch; a live writer logs it within the margin).
-		if e, ok := f.State[rel]; (ok && !e.Deleted) || referenced[rel] || o.ModTime.After(now.Add(-c.margin)) {
+	for _, rel := range candidates {
+		if referenced[rel] {
 			continue
 		}
-		if err := c.st.Delete(ctx, o.Key); err != nil {
+		key := snapshot.DataKey(rel)
+		if err := c.st.Delete(ctx, key); err != nil {
 			return err
 		}
 		c.m.deleted.Inc()
-		c.log.Info("deleted data object of a deleted file", "key", o.Key)
+		c.log.Info("deleted data object of a deleted file", "key", key)
 	}
 	return nil
 }

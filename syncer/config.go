@@ -29,7 +29,8 @@ type Config struct {
 	Dir              string        `env:"SYNC_DIR,required" help:"Directory to watch and upload (the shared emptyDir)."`
 	Exclude          []string      `env:"SYNC_EXCLUDE" envDefault:"*.tmp,*.part,*.partial,*.swp,*~,.#*" help:"Comma-separated globs of names never uploaded, matched against the path relative to SYNC_DIR and against the base name."`
 	Settle           time.Duration `env:"SYNC_SETTLE" envDefault:"1s" help:"A file is uploaded once no write arrived for this long and its size and mtime are stable (files renamed into place go at once)."`
-	Concurrency      int           `env:"SYNC_CONCURRENCY" envDefault:"16" help:"Uploads in flight at once."`
+	Concurrency      int           `env:"SYNC_CONCURRENCY" envDefault:"16" help:"Uploads in flight at once to start with (and downloads of SYNC_PULL)."`
+	MaxConcurrency   int           `env:"SYNC_MAX_CONCURRENCY" envDefault:"128" help:"Upper bound of uploads in flight: starting at SYNC_CONCURRENCY, the syncer adds uploads while the files/s grow (a backfill of small files at 20 ms round trip is capped near SYNC_CONCURRENCY / RTT otherwise) and halves them on 503 SlowDown or timeouts. Never below SYNC_CONCURRENCY; equal to it for a fixed number."`
 	MaxFileSize      int64         `env:"SYNC_MAX_FILE_SIZE" envDefault:"0" help:"Files larger than this many bytes are skipped with a warning and a metric (0 = no limit)."`
 	Delete           bool          `env:"SYNC_DELETE" envDefault:"false" help:"Record a file this syncer had and saw removed as a deletion (a tombstone in the change log: restore no longer brings it back), and let retention delete the data objects of deleted files. Off: restore brings back every file any writer uploaded."`
 	LogInterval      time.Duration `env:"SYNC_LOG_INTERVAL" envDefault:"1s" help:"Uploads and deletions are appended to the change log (PREFIX/log/) at most this long after they finish, or every 1000 files; an upload counts as done only once its batch is stored."`
@@ -42,6 +43,7 @@ type Config struct {
 	Pull             bool          `env:"SYNC_PULL" envDefault:"false" help:"Follow the change log and bring the other writers' new, changed and (with SYNC_DELETE) deleted files into SYNC_DIR: replicas converge through the store, no shared volume. Pulled files are verified, placed atomically and never uploaded again."`
 	PullInterval     time.Duration `env:"SYNC_PULL_INTERVAL" envDefault:"1s" help:"Time between two looks at the change log with SYNC_PULL (one LIST of PREFIX/log/ when nothing changed)."`
 	PullMaxBytes     int64         `env:"SYNC_PULL_MAX_BYTES" envDefault:"0" help:"With SYNC_PULL, stop pulling new files once the files this replica holds (its own and pulled ones, as the change log knows them) would pass this many bytes; uploading goes on (0 = no limit)."`
+	Compress         string        `env:"SYNC_COMPRESS" envDefault:"off" enum:"off|zstd|gzip" help:"Store files encoded with zstd or gzip (gzip objects get Content-Encoding: gzip, zstd ones Content-Encoding: zstd). Files below 16 MiB only; already compressed types (by extension or magic bytes) and files whose first 64 KiB or whole content saves less than 10 % are stored as they are. The manifest and the object's metadata record the encoding; restore decodes."`
 	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
 	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
 	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Record deletions even when more than half of the files this syncer had are gone (otherwise they are held back as a likely unmounted or wiped volume)."`
@@ -84,6 +86,10 @@ func (c *Config) Validate(env config.Env, errs *config.Error) {
 	if !errs.Has("SYNC_CONCURRENCY") && (c.Concurrency < 1 || c.Concurrency > 1024) {
 		errs.Add("SYNC_CONCURRENCY", env.Get("SYNC_CONCURRENCY"), "must be between 1 and 1024")
 	}
+	if !errs.Has("SYNC_MAX_CONCURRENCY") && (c.MaxConcurrency < 1 || c.MaxConcurrency > 1024) {
+		errs.Add("SYNC_MAX_CONCURRENCY", env.Get("SYNC_MAX_CONCURRENCY"), "must be between 1 and 1024")
+	}
+	c.MaxConcurrency = max(c.MaxConcurrency, c.Concurrency)
 	if !errs.Has("SYNC_MAX_FILE_SIZE") && c.MaxFileSize < 0 {
 		errs.Add("SYNC_MAX_FILE_SIZE", env.Get("SYNC_MAX_FILE_SIZE"), "must be 0 (no limit) or a positive number of bytes")
 	}

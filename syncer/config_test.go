@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/podkeeper/podkeeper/agents/config"
 )
@@ -22,6 +23,10 @@ func TestConfigReportsEveryBadValue(t *testing.T) {
 		"SYNC_SHUTDOWN_TIMEOUT":  "0s",
 		"SYNC_STATE_DIR":         "state",
 		"SYNC_DELETE":            "maybe",
+		"SYNC_MAX_CONCURRENCY":   "5000",
+		"SYNC_PULL_INTERVAL":     "1ms",
+		"SYNC_PULL_MAX_BYTES":    "-1",
+		"SYNC_PULL":              "sometimes",
 	}
 	err := config.Load(&Config{}, env)
 	var ce *config.Error
@@ -33,7 +38,8 @@ func TestConfigReportsEveryBadValue(t *testing.T) {
 		vars = append(vars, fe.Var)
 	}
 	for _, want := range []string{"SYNC_DIR", "SYNC_EXCLUDE", "SYNC_SETTLE", "SYNC_CONCURRENCY", "SYNC_MAX_FILE_SIZE",
-		"SYNC_SNAPSHOT_INTERVAL", "SYNC_SNAPSHOT_RETAIN", "SYNC_SHUTDOWN_TIMEOUT", "SYNC_STATE_DIR", "SYNC_DELETE"} {
+		"SYNC_SNAPSHOT_INTERVAL", "SYNC_SNAPSHOT_RETAIN", "SYNC_SHUTDOWN_TIMEOUT", "SYNC_STATE_DIR", "SYNC_DELETE",
+		"SYNC_MAX_CONCURRENCY", "SYNC_PULL_INTERVAL", "SYNC_PULL_MAX_BYTES", "SYNC_PULL"} {
 		if !slices.Contains(vars, want) {
 			t.Errorf("no problem reported for %s; got %v", want, err)
 		}
@@ -46,7 +52,7 @@ func TestConfigDefaults(t *testing.T) {
 	if err := config.Load(&c, config.Env{"STORE_URL": "file:///tmp/x", "SYNC_DIR": dir}); err != nil {
 		t.Fatal(err)
 	}
-	if c.StateDir != filepath.Join(dir, ".podkeeper") || c.Concurrency != 16 || c.SnapshotRetain != 48 || c.Delete || c.AllowMassDelete {
+	if c.StateDir != filepath.Join(dir, ".podkeeper") || c.Concurrency != 16 || c.MaxConcurrency != 128 || c.Pull || c.PullInterval != time.Second || c.SnapshotRetain != 48 || c.Delete || c.AllowMassDelete {
 		t.Errorf("defaults: %+v", c)
 	}
 	if err := config.Load(&Config{}, config.Env{"STORE_URL": "file:///tmp/x", "SYNC_DIR": filepath.Join(dir, "missing")}); err == nil {

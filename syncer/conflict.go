@@ -4,11 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"time"
 
 	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -52,9 +51,10 @@ func (c *conflict) String() string {
 // sent); the version this writer saw under another ETag is a plain update;
 // anything else is a conflict decided by the rule, whose loser's bytes are
 // kept. put writes data/PATH under the given conditions (a multipart upload
-// cannot be conditional and ignores them). It returns the object data/PATH
-// now holds.
-func (u *uploader) resolve(ctx context.Context, f *os.File, file snapshot.File, sn seen, opts store.PutOptions, put putFunc) (store.ObjectInfo, *conflict, error) {
+// applies them at its completion). body is what this writer stores for
+// file (encoded or not, as opts say). It returns the object data/PATH now
+// holds.
+func (u *uploader) resolve(ctx context.Context, body *codec.Body, file snapshot.File, sn seen, opts store.PutOptions, put putFunc) (store.ObjectInfo, *conflict, error) {
 	key := snapshot.DataKey(file.Path)
 	for range 5 {
 		cur, err := u.st.Head(ctx, key, store.HeadOptions{})
@@ -69,8 +69,10 @@ func (u *uploader) resolve(ctx context.Context, f *os.File, file snapshot.File, 
 			return store.ObjectInfo{}, nil, err
 		}
 		theirSHA := cur.Metadata[snapshot.MetaSHA256]
-		if theirSHA == file.SHA256 {
-			return cur, nil, nil // the same bytes: uploaded once
+		if theirSHA == file.SHA256 && codec.Known(cur.Metadata[snapshot.MetaEncoding]) {
+			// The same content (compared on the original's sha256, however
+			// either writer encodes it): uploaded once.
+			return cur, nil, nil
 		}
 		var c *conflict
 		// Our own earlier version (an upload whose outcome this writer did not
@@ -84,8 +86,8 @@ func (u *uploader) resolve(ctx context.Context, f *os.File, file snapshot.File, 
 			if !ours.Beats(theirs) {
 				lk := ConflictKey(file.Path, file.SHA256)
 				meta := opts.Metadata
-				if _, err := u.st.Put(ctx, lk, io.NewSectionReader(f, 0, file.Size), file.Size,
-					store.PutOptions{Metadata: meta, ContentType: opts.ContentType, IfNoneMatch: true}); err != nil && !errors.Is(err, store.ErrPrecondition) {
+				if _, err := u.st.Put(ctx, lk, body.Open(), body.Size, store.PutOptions{Metadata: meta, ContentType: opts.ContentType,
+					ContentEncoding: opts.ContentEncoding, IfNoneMatch: true}); err != nil && !errors.Is(err, store.ErrPrecondition) {
 					return store.ObjectInfo{}, nil, err
 				}
 				return cur, &conflict{path: file.Path, winner: theirs.Writer, loser: u.writer, loserKey: lk, weLost: true, theirObject: cur}, nil
@@ -118,7 +120,7 @@ func (u *uploader) keepTheirs(ctx context.Context, key string, cur store.ObjectI
 		return "", err
 	}
 	defer rc.Close()
-	_, err = u.st.Put(ctx, lk, rc, info.Size, store.PutOptions{Metadata: cur.Metadata, IfNoneMatch: true})
+	_, err = u.st.Put(ctx, lk, rc, info.Size, store.PutOptions{Metadata: cur.Metadata, ContentEncoding: info.ContentEncoding, IfNoneMatch: true})
 	if err != nil && !errors.Is(err, store.ErrPrecondition) {
 		return "", err
 	}

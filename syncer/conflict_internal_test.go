@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 	"github.com/podkeeper/podkeeper/agents/store/file"
@@ -53,7 +54,7 @@ func TestOwnEarlierVersionIsNoConflict(t *testing.T) {
 		cond.Metadata = opts.Metadata
 		return st.Put(ctx, snapshot.DataKey(now.Path), io.NewSectionReader(f, 0, now.Size), now.Size, cond)
 	}
-	_, c, err := u.resolve(ctx, f, now, seen{}, opts, put)
+	_, c, err := u.resolve(ctx, codec.Raw(f, now.Size), now, seen{}, opts, put)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -54,7 +54,7 @@ type ledger struct {
 
 	// files are the files this writer has on its disk and knows to be in the
 	// log (before the first walk: every file of the fold).
-	files map[string]snapshot.File
+	files *fileSet
 	// staged are the changes for the next batch, by path (the last wins).
 	staged      map[string]changelog.Change
 	stagedSince time.Time
@@ -79,7 +79,7 @@ type ledger struct {
 
 func newLedger(cfg *Config, st store.Store, log *slog.Logger, rec events.Recorder, m *metrics, w changelog.Writer) *ledger {
 	return &ledger{st: st, log: log, rec: rec, m: m, cfg: cfg, writer: w,
-		files: map[string]snapshot.File{}, staged: map[string]changelog.Change{}, dropped: map[string]bool{},
+		files: newFileSet(nil), staged: map[string]changelog.Change{}, dropped: map[string]bool{},
 		went: map[string]seen{}, done: make(chan appendResult, 1)}
 }
 
@@ -90,9 +90,11 @@ func (l *ledger) loadBaseline(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, fl := range f.State.Files() {
-		l.files[fl.Path] = fl
+	c, err := f.State.Compact(f.Newest, f.Writer)
+	if err != nil {
+		return err
 	}
+	l.files = newFileSet(c.Files)
 	l.lastCheckpoint = f.Checkpoint
 	if f.Checkpoint != "" {
 		l.m.lastSnapshot.Set(float64(f.From.Unix()))
@@ -101,7 +103,7 @@ func (l *ledger) loadBaseline(ctx context.Context) error {
 		l.log.Info("empty prefix: every file is new")
 		return nil
 	}
-	l.log.Info("baseline", "checkpoint", f.Checkpoint, "batches", f.Batches, "files", len(l.files))
+	l.log.Info("baseline", "checkpoint", f.Checkpoint, "batches", f.Batches, "files", l.files.len())
 	return nil
 }
 
@@ -113,7 +115,7 @@ func (l *ledger) change(rel string) (changelog.Change, bool) {
 	if c, ok := l.sending[rel]; ok && !l.dropped[rel] {
 		return c, true
 	}
-	if f, ok := l.files[rel]; ok {
+	if f, ok := l.files.get(rel); ok {
 		return changelog.Change{File: f}, true
 	}
 	return changelog.Change{}, false
@@ -140,7 +142,7 @@ func (l *ledger) seenAt(rel string) seen {
 // (no ETag or hash of a version this writer had).
 func (l *ledger) adopt(f snapshot.File) {
 	f.ETag, f.SHA256, f.VersionID = "", "", ""
-	l.files[f.Path] = f
+	l.files.set(f)
 }
 
 // pulled records a file SYNC_PULL put on this disk: it is in the log (by
@@ -148,7 +150,7 @@ func (l *ledger) adopt(f snapshot.File) {
 // this writer's for the path still waiting for its batch lost to it by the
 // rule and is not sent.
 func (l *ledger) pulled(f snapshot.File) {
-	l.files[f.Path] = f
+	l.files.set(f)
 	delete(l.staged, f.Path)
 	delete(l.went, f.Path)
 	if _, ok := l.sending[f.Path]; ok {
@@ -159,7 +161,7 @@ func (l *ledger) pulled(f snapshot.File) {
 // drop forgets a file SYNC_PULL removed because another writer's deletion
 // won: no tombstone of this writer's follows (it is in the log already).
 func (l *ledger) drop(rel string) {
-	delete(l.files, rel)
+	l.files.delete(rel)
 	delete(l.staged, rel)
 	if _, ok := l.sending[rel]; ok {
 		l.dropped[rel] = true
@@ -194,12 +196,8 @@ func (l *ledger) forgetTree(rel string, tree bool) {
 	}
 	under := rel + "/"
 	var keys []string
-	for _, m := range []map[string]snapshot.File{l.files} {
-		for k := range m {
-			if strings.HasPrefix(k, under) {
-				keys = append(keys, k)
-			}
-		}
+	for k := range l.files.paths(under) {
+		keys = append(keys, k)
 	}
 	for _, m := range []map[string]changelog.Change{l.staged, l.sending} {
 		for k := range m {
@@ -223,7 +221,7 @@ func (l *ledger) forget(k string) {
 		}
 		l.went[k] = seen{etag: c.ETag, sha: c.SHA256}
 	}
-	_, had := l.files[k]
+	_, had := l.files.get(k)
 	if c, ok := l.staged[k]; ok && !c.Deleted {
 		had = true
 	}
@@ -231,7 +229,7 @@ func (l *ledger) forget(k string) {
 		had = true
 		l.dropped[k] = true
 	}
-	delete(l.files, k)
+	l.files.delete(k)
 	if !had {
 		return
 	}
@@ -241,16 +239,25 @@ func (l *ledger) forget(k string) {
 }
 
 // keepOnly forgets the files a full walk did not see.
+// It goes through the baseline without listing it first: a walk of an
+// empty directory must not copy a million paths.
 func (l *ledger) keepOnly(seen map[string]bool) {
-	for _, k := range l.missing(seen) {
-		l.forget(k)
+	for k := range l.files.paths("") {
+		if !seen[k] {
+			l.forget(k)
+		}
+	}
+	for k, c := range l.staged {
+		if !seen[k] && !c.Deleted {
+			l.forget(k)
+		}
 	}
 }
 
 // missing lists the files of this writer a walk did not see.
 func (l *ledger) missing(seen map[string]bool) []string {
 	var gone []string
-	for k := range l.files {
+	for k := range l.files.paths("") {
 		if !seen[k] {
 			gone = append(gone, k)
 		}
@@ -309,7 +316,7 @@ func (l *ledger) guard(ctx context.Context) (blocked bool) {
 	if dead == 0 || l.cfg.AllowMassDelete {
 		return l.clearGuard(dead)
 	}
-	had := len(l.files) + len(l.staged) + len(l.sending)
+	had := l.files.len() + len(l.staged) + len(l.sending)
 	if dead*2 <= had {
 		return l.clearGuard(dead)
 	}
@@ -407,7 +414,7 @@ func (l *ledger) ack(r appendResult) {
 		l.m.uploads.WithLabelValues("ok").Inc()
 		l.m.bytes.WithLabelValues("ok").Add(float64(c.Size))
 		if _, newer := l.staged[c.Path]; !newer && !dropped[c.Path] {
-			l.files[c.Path] = c.File
+			l.files.set(c.File)
 		}
 		l.log.Debug("uploaded", "path", c.Path, "size", c.Size, "batch", r.key)
 	}

@@ -30,6 +30,7 @@ type metrics struct {
 	lastSnapshot  prometheus.Gauge
 	watches       prometheus.Gauge
 	massDelete    prometheus.Gauge
+	concurrency   prometheus.Gauge
 	pull          pullMetrics
 }
 
@@ -72,6 +73,7 @@ func newMetrics(h *health.Server) *metrics {
 		lastSnapshot:  g("last_snapshot_timestamp_seconds", "Creation time of the newest checkpoint written or loaded."),
 		watches:       g("watches", "Directories watched."),
 		massDelete:    g("mass_delete_blocked", "1 while deletions are held back by the mass-delete guard."),
+		concurrency:   g("upload_concurrency", "Uploads allowed in flight now (adaptive, SYNC_CONCURRENCY to SYNC_MAX_CONCURRENCY)."),
 	}
 	m.pull = pullMetrics{
 		files:     c("pull_files_total", "Files of other writers brought into SYNC_DIR (SYNC_PULL)."),
@@ -85,7 +87,7 @@ func newMetrics(h *health.Server) *metrics {
 	}
 	h.Registry.MustRegister(m.pull.files, m.pull.bytes, m.pull.deletions, m.pull.conflicts, m.pull.errors, m.pull.looks, m.pull.lag, m.pull.limited)
 	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
-		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete)
+		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete, m.concurrency)
 	for _, r := range []string{"ok", "error", "changed"} {
 		m.uploads.WithLabelValues(r)
 	}

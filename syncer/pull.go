@@ -17,6 +17,7 @@ import (
 
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/changelog"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
@@ -42,7 +43,7 @@ type puller struct {
 	tmp  *safefs.Root // the state dir's pull/ directory, same filesystem as SYNC_DIR
 	root *safefs.Root // SYNC_DIR, for the cheap "already here" check
 
-	state  changelog.State
+	state  *changelog.State
 	follow *changelog.Follower
 	// retry are paths whose pull failed; they are tried again at the next look.
 	retry map[string]bool
@@ -99,27 +100,48 @@ func (p *puller) run(ctx context.Context) {
 		}
 		return
 	}
-	paths := slices.Sorted(maps.Keys(p.state))
-	for _, path := range paths {
+	var paths []string
+	for path := range p.state.All() {
+		paths = append(paths, path)
 		p.count(path)
 	}
 	p.log.Info("pull: converging", "paths", len(paths))
 	p.converge(ctx, paths)
-	t := time.NewTicker(p.cfg.PullInterval)
+	t := time.NewTimer(p.cfg.PullInterval)
 	defer t.Stop()
+	var busy time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		p.look(ctx)
+		if p.look(ctx) {
+			busy = time.Now()
+		}
+		t.Reset(p.nextLook(busy))
 	}
 }
 
+// busyFor and busyDivisor: while other writers are appending (a look found
+// batches within busyFor), the log is looked at busyDivisor times as often,
+// so a replica follows a busy fleet closer than SYNC_PULL_INTERVAL; an idle
+// fleet costs one LIST per interval.
+const (
+	busyFor     = 10 * time.Second
+	busyDivisor = 4
+)
+
+func (p *puller) nextLook(busy time.Time) time.Duration {
+	if !busy.IsZero() && time.Since(busy) < busyFor {
+		return max(p.cfg.PullInterval/busyDivisor, 50*time.Millisecond)
+	}
+	return p.cfg.PullInterval
+}
+
 // look reads the new batches and converges the paths whose winner changed,
-// plus those that failed before.
-func (p *puller) look(ctx context.Context) {
+// plus those that failed before. It reports whether other writers appended.
+func (p *puller) look(ctx context.Context) (active bool) {
 	p.m.looks.Inc()
 	batches, bad, err := p.follow.Next(ctx)
 	for _, e := range bad {
@@ -129,7 +151,7 @@ func (p *puller) look(ctx context.Context) {
 		if ctx.Err() == nil {
 			p.log.Warn("pull: reading the change log failed; trying again at the next look", "err", err)
 		}
-		return
+		return false
 	}
 	if n := p.follow.Newest(); !n.IsZero() {
 		p.m.lag.Set(time.Since(n).Seconds())
@@ -140,22 +162,24 @@ func (p *puller) look(ctx context.Context) {
 	}
 	clear(p.retry)
 	for _, b := range batches {
+		active = active || b.Writer.ID() != p.me
 		for _, c := range b.Changes {
-			before, had := p.state[c.Path]
+			before, had := p.state.Get(c.Path)
 			p.state.Apply(&changelog.Batch{Writer: b.Writer, Changes: []changelog.Change{c}})
-			if after := p.state[c.Path]; !had || !sameEntry(after, before) {
+			if after, _ := p.state.Get(c.Path); !had || !sameEntry(after, before) {
 				changed[c.Path] = true
 			}
 		}
 	}
 	if len(changed) == 0 {
-		return
+		return active
 	}
 	paths := slices.Sorted(maps.Keys(changed))
 	for _, path := range paths {
 		p.count(path)
 	}
 	p.converge(ctx, paths)
+	return active
 }
 
 // converge pulls paths, SYNC_CONCURRENCY at a time.
@@ -164,7 +188,7 @@ func (p *puller) converge(ctx context.Context, paths []string) {
 	g.SetLimit(p.cfg.Concurrency)
 	failed := make([]bool, len(paths))
 	for i, path := range paths {
-		e := p.state[path]
+		e, _ := p.state.Get(path)
 		if !p.wanted(e) {
 			continue
 		}
@@ -209,7 +233,7 @@ func (p *puller) count(path string) {
 	if p.cfg.PullMaxBytes <= 0 {
 		return
 	}
-	e := p.state[path]
+	e, _ := p.state.Get(path)
 	old, had := p.counted[path]
 	if had && old > 0 {
 		p.held -= old
@@ -279,7 +303,8 @@ func (p *puller) onDisk(f snapshot.File) bool {
 }
 
 // download fetches f's object into a temp file of the pull directory,
-// checked against the log's size and sha256, with the log's mode and mtime.
+// decoded when it is stored encoded (SYNC_COMPRESS of its writer), checked
+// against the log's size and sha256, with the log's mode and mtime.
 // The object may have been replaced by a newer version since (a bucket
 // without versioning): the check fails, and the newer version's batch brings
 // the path back.
@@ -300,9 +325,14 @@ func (p *puller) download(ctx context.Context, f snapshot.File) (string, error) 
 			p.tmp.Remove(name)
 		}
 	}()
+	body, err := codec.DecodeSized(f.Encoding, rc, f.Size)
+	if err != nil {
+		return "", err
+	}
+	defer body.Close()
 	h := sha256.New()
 	buf := copyBufs.Get().(*[]byte)
-	n, err := io.CopyBuffer(io.MultiWriter(tf, h), io.LimitReader(rc, f.Size+1), *buf)
+	n, err := io.CopyBuffer(io.MultiWriter(tf, h), io.LimitReader(body, f.Size+1), *buf)
 	copyBufs.Put(buf)
 	if err != nil {
 		return "", err

@@ -122,13 +122,13 @@ func TestGone(t *testing.T) {
 	snap.live = true
 	s := &Syncer{led: snap, q: newQueue(time.Second, 0, snap.uploadedAs)}
 	for _, k := range []string{"a/x", "a/y", "a/b/z", "ab", "c"} {
-		snap.files[k] = snapshot.File{Path: k}
+		snap.files.set(snapshot.File{Path: k})
 	}
 	s.q.pending["a/b/p"] = &pend{}
 	s.q.pending["a/q"] = &pend{inflight: true}
 	s.q.pending["c"] = &pend{}
 	s.gone("c")
-	if _, ok := snap.files["c"]; ok || s.q.pending["c"] != nil || !snap.staged["c"].Deleted {
+	if _, ok := snap.files.get("c"); ok || s.q.pending["c"] != nil || !snap.staged["c"].Deleted {
 		t.Fatal("file c not forgotten or not tombstoned")
 	}
 	s.gone("never-had")
@@ -137,11 +137,11 @@ func TestGone(t *testing.T) {
 	}
 	s.gone("a")
 	for _, k := range []string{"a/x", "a/y", "a/b/z"} {
-		if _, ok := snap.files[k]; ok {
+		if _, ok := snap.files.get(k); ok {
 			t.Errorf("%s still listed after its directory was removed", k)
 		}
 	}
-	if _, ok := snap.files["ab"]; !ok {
+	if _, ok := snap.files.get("ab"); !ok {
 		t.Error("ab forgotten with directory a")
 	}
 	if n := snap.tombstones(); n != 4 {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
 	"github.com/podkeeper/podkeeper/agents/changelog"
 	"github.com/podkeeper/podkeeper/agents/config"
@@ -95,6 +96,10 @@ func New(cfg *Config, deps lifecycle.Deps) (*Syncer, error) {
 	s.up = &uploader{writer: id.writer().ID(), journal: filepath.Join(cfg.StateDir, "multipart"), st: deps.Store,
 		log: s.log, rec: s.rec, m: s.m}
 	s.up.mp, _ = deps.Store.(store.Multiparter)
+	s.up.lim = adaptive.New(cfg.Concurrency, cfg.MaxConcurrency, time.Now())
+	if cfg.Compress != "off" {
+		s.up.compress = cfg.Compress
+	}
 	return s, nil
 }
 
@@ -129,7 +134,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	}
 	defer jr.Close()
 	s.up.jr = jr
-	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency,
+	s.log.Info("syncing", "dir", s.cfg.Dir, "store", s.deps.Store.String(), "settle", s.cfg.Settle, "concurrency", s.cfg.Concurrency, "max_concurrency", s.cfg.MaxConcurrency,
 		"writer", s.led.writer.ID(), "exclusive", s.cfg.Exclusive)
 
 	// Uploads outlive the signal: they end when the drain deadline passes, not
@@ -152,7 +157,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	// The app may start now (native sidecar startup probe): every file it
 	// writes from here on is seen.
 	s.health.SetStarted()
-	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", len(s.led.files))
+	s.log.Info("watching", "dir", s.cfg.Dir, "watches", s.w.watches, "pending", s.q.len(), "baseline_files", s.led.files.len())
 
 	if s.cfg.Pull {
 		stop, err := s.startPull(ctx, root)
@@ -268,7 +273,7 @@ func (s *Syncer) retryStartup(ctx context.Context, what string, op func(context.
 // startWorkers starts the uploaders; the function it returns stops them.
 func (s *Syncer) startWorkers(ctx context.Context, cancel context.CancelFunc) (stop func()) {
 	var wg sync.WaitGroup
-	for range s.cfg.Concurrency {
+	for range s.cfg.MaxConcurrency {
 		wg.Go(func() { s.up.work(ctx, s.jobs, s.results) })
 	}
 	return func() {
@@ -378,7 +383,7 @@ func (s *Syncer) drained() error {
 	if s.led.guardBlocked {
 		return errGuardHeld
 	}
-	s.log.Info("drained", "files", len(s.led.files))
+	s.log.Info("drained", "files", s.led.files.len())
 	return nil
 }
 
@@ -536,6 +541,7 @@ func (s *Syncer) onResult(r result, now time.Time) {
 // the queue metrics.
 func (s *Syncer) housekeep(ctx context.Context, now time.Time) {
 	s.health.Beat()
+	s.m.concurrency.Set(float64(s.up.lim.Limit()))
 	if n := s.up.retrying.Load(); n > 0 {
 		s.health.SetReady(fmt.Errorf("store failing: %d upload(s) retrying", n))
 	} else {

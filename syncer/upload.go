@@ -17,7 +17,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/podkeeper/podkeeper/agents/adaptive"
 	"github.com/podkeeper/podkeeper/agents/backoff"
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/events"
 	"github.com/podkeeper/podkeeper/agents/safefs"
 	"github.com/podkeeper/podkeeper/agents/snapshot"
@@ -46,18 +48,38 @@ type uploader struct {
 	jr      *safefs.Root // the same, opened without links
 	st      store.Store
 	mp      store.Multiparter // nil: the store has no resumable uploads
-	log     *slog.Logger
-	rec     events.Recorder
-	m       *metrics
+	lim     *adaptive.Limiter // uploads in flight, adaptive
+	// compress is the encoding of SYNC_COMPRESS (codec.None: off). Only
+	// files below multipartThreshold are encoded: a multipart upload reads
+	// its parts straight from the file, by offset, which an encoded stream
+	// of unknown length cannot give.
+	compress string
+	log      *slog.Logger
+	rec      events.Recorder
+	m        *metrics
 	// retrying counts the sends retrying through failures right now: the
 	// loop's readiness reads it, so /readyz shows an outage while it lasts.
 	retrying atomic.Int32
 }
 
+// work uploads jobs while the adaptive limit gives it a slot: the pool has
+// SYNC_MAX_CONCURRENCY workers, SYNC_CONCURRENCY of them to start with.
 func (u *uploader) work(ctx context.Context, jobs <-chan job, results chan<- result) {
-	for j := range jobs {
+	for {
+		if u.lim.Acquire(ctx) != nil {
+			return
+		}
+		j, ok := <-jobs
+		if !ok {
+			u.lim.Release()
+			return
+		}
 		r := u.upload(ctx, j)
 		r.gen = j.gen
+		if r.err == nil {
+			u.lim.Done(time.Now())
+		}
+		u.lim.Release()
 		results <- r
 	}
 }
@@ -104,10 +126,16 @@ func (u *uploader) upload(ctx context.Context, j job) result {
 		return r
 	}
 	file := snapshot.File{Path: rel, Size: st.size, SHA256: hex.EncodeToString(h.Sum(nil)), MTime: st.mtime, Mode: snapshot.Mode(st.mode)}
-	info, c, err := u.send(ctx, f, file, j.seen)
+	body := codec.Raw(f, st.size)
+	if u.compress != codec.None && st.size < multipartThreshold {
+		if body, err = codec.Encode(u.compress, rel, f, st.size); err != nil {
+			return u.failed(r, rel, st, err)
+		}
+	}
+	file.Encoding = body.Encoding
+	info, c, err := u.send(ctx, f, body, file, j.seen)
 	if err != nil {
-		r.err = err
-		return r
+		return u.failed(r, rel, st, err)
 	}
 	r.conflict = c
 	r.bytesSent = st.size
@@ -121,15 +149,36 @@ func (u *uploader) upload(ctx context.Context, j job) result {
 		return r
 	}
 	file.ETag, file.VersionID = info.ETag, info.VersionID
+	if info.Metadata != nil {
+		// The object there: ours, or the same content stored by another
+		// writer, perhaps otherwise encoded.
+		file.Encoding = info.Metadata[snapshot.MetaEncoding]
+	}
 	r.file = file
+	return r
+}
+
+// failed reports an upload that did not complete: as changed when the file
+// no longer reads as it was hashed (its encoding came out another length, or
+// its stat moved), as an error otherwise.
+func (u *uploader) failed(r result, rel string, st fileStat, err error) result {
+	if after, lerr := u.root.Lstat(rel); errors.Is(err, codec.ErrChanged) || (lerr == nil && !statOf(after).same(st)) {
+		r.changed = true
+		if lerr == nil {
+			r.stat = statOf(after)
+		}
+		return r
+	}
+	r.err = err
 	return r
 }
 
 // send writes the object of file from f, retrying through outages. The
 // write is conditional on the object this writer saw (sn): a new path only
 // if absent, a known one only if unchanged; otherwise resolve decides.
-func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn seen) (store.ObjectInfo, *conflict, error) {
-	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path))}
+func (u *uploader) send(ctx context.Context, f *os.File, body *codec.Body, file snapshot.File, sn seen) (store.ObjectInfo, *conflict, error) {
+	opts := store.PutOptions{Metadata: file.Metadata(), ContentType: mime.TypeByExtension(path.Ext(file.Path)),
+		ContentEncoding: codec.ContentEncoding(body.Encoding)}
 	opts.Metadata[MetaWriter] = u.writer
 	var info store.ObjectInfo
 	counted := false
@@ -139,8 +188,14 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn 
 		}
 	}()
 	var c *conflict
-	err := backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
+	// A body that no longer encodes as measured is a changed file, not an
+	// outage: the next attempt would fail the same way.
+	retryable := func(err error) bool { return store.IsRetryable(err) && !errors.Is(err, codec.ErrChanged) }
+	err := backoff.Retry(ctx, backoff.Default, retryable, func(attempt int, err error, wait time.Duration) {
 		u.m.retries.Inc()
+		if adaptive.IsThrottle(err) {
+			u.lim.Throttled(time.Now())
+		}
 		if !counted {
 			counted = true
 			u.retrying.Add(1)
@@ -153,45 +208,77 @@ func (u *uploader) send(ctx context.Context, f *os.File, file snapshot.File, sn 
 		}
 	}, func(ctx context.Context) error {
 		var err error
-		info, c, err = u.sendOnce(ctx, f, file, sn, opts)
+		info, c, err = u.sendOnce(ctx, f, body, file, sn, opts)
 		return err
 	})
 	return info, c, err
 }
 
-func (u *uploader) sendOnce(ctx context.Context, f *os.File, file snapshot.File, sn seen, opts store.PutOptions) (store.ObjectInfo, *conflict, error) {
+func (u *uploader) sendOnce(ctx context.Context, f *os.File, body *codec.Body, file snapshot.File, sn seen, opts store.PutOptions) (store.ObjectInfo, *conflict, error) {
 	if u.mp != nil && file.Size >= multipartThreshold {
-		// A multipart upload cannot be conditional: look first (a writer
-		// racing between the look and the completion is not detected).
-		put := func(ctx context.Context, _ store.PutOptions) (store.ObjectInfo, error) {
-			return u.multipart(ctx, f, file, opts)
+		// The completion is conditional like a PUT. The HEAD first is only
+		// a cheap early look: content another writer already stored, or a
+		// conflict, is settled before any part is sent.
+		put := func(ctx context.Context, cond store.PutOptions) (store.ObjectInfo, error) {
+			return u.multipart(ctx, f, file, opts, cond)
 		}
-		cur, err := u.st.Head(ctx, snapshot.DataKey(file.Path), store.HeadOptions{})
+		key := snapshot.DataKey(file.Path)
+		cur, err := u.st.Head(ctx, key, store.HeadOptions{})
+		var info store.ObjectInfo
 		switch {
-		case errors.Is(err, store.ErrNotExist) || (err == nil && sn.etag != "" && cur.ETag == sn.etag):
-			info, err := put(ctx, store.PutOptions{})
-			return info, nil, err
+		case errors.Is(err, store.ErrNotExist):
+			info, err = put(ctx, store.PutOptions{IfNoneMatch: true})
+		case err == nil && sn.etag != "" && cur.ETag == sn.etag:
+			info, err = put(ctx, store.PutOptions{IfMatch: cur.ETag})
 		case err != nil:
 			return store.ObjectInfo{}, nil, err
+		default:
+			err = store.ErrPrecondition
 		}
-		return u.resolve(ctx, f, file, sn, opts, put)
+		if !errors.Is(err, store.ErrPrecondition) {
+			return info, nil, err
+		}
+		info, c, err := u.resolve(ctx, body, file, sn, opts, put)
+		if err == nil {
+			// Our upload was not completed (the same content was there, or
+			// we lost the conflict): its parts are of no further use.
+			u.dropJournal(ctx, key)
+		}
+		return info, c, err
 	}
 	put := func(ctx context.Context, cond store.PutOptions) (store.ObjectInfo, error) {
 		o := opts
 		o.IfMatch, o.IfNoneMatch = cond.IfMatch, cond.IfNoneMatch
-		return u.st.Put(ctx, snapshot.DataKey(file.Path), io.NewSectionReader(f, 0, file.Size), file.Size, o)
+		return u.st.Put(ctx, snapshot.DataKey(file.Path), body.Open(), body.Size, o)
 	}
 	info, err := put(ctx, store.PutOptions{IfNoneMatch: sn.etag == "", IfMatch: sn.etag})
 	if errors.Is(err, store.ErrPrecondition) {
-		return u.resolve(ctx, f, file, sn, opts, put)
+		return u.resolve(ctx, body, file, sn, opts, put)
 	}
 	return info, nil, err
+}
+
+// dropJournal aborts the multipart upload of key this writer journaled, if
+// any, and forgets it.
+func (u *uploader) dropJournal(ctx context.Context, key string) {
+	name := store.JournalName(key)
+	j, err := u.loadJournal(name)
+	if err != nil {
+		return
+	}
+	if j.UploadID != "" {
+		if err := u.mp.AbortMultipart(ctx, j.Key, j.UploadID); err != nil {
+			u.log.Warn("cannot abort multipart upload", "key", j.Key, "err", err)
+			return // abortStale retries at the next start
+		}
+	}
+	_ = u.jr.Remove(name)
 }
 
 // multipart uploads a large file resumably: the journal in the state dir
 // survives a SIGKILL, and the next attempt (or process) reuses the parts the
 // server still has, as long as the file is the same one (size, mtime, hash).
-func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File, opts store.PutOptions) (store.ObjectInfo, error) {
+func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File, opts, cond store.PutOptions) (store.ObjectInfo, error) {
 	key := snapshot.DataKey(file.Path)
 	name := store.JournalName(key)
 	j, err := u.loadJournal(name)
@@ -216,6 +303,7 @@ func (u *uploader) multipart(ctx context.Context, f *os.File, file snapshot.File
 	}
 	info, err := u.mp.UploadFileResumable(ctx, key, f, file.Size, j, store.MultipartOptions{
 		PartSize: partSize, Concurrency: partConcurrency, Metadata: opts.Metadata, ContentType: opts.ContentType,
+		IfNoneMatch: cond.IfNoneMatch, IfMatch: cond.IfMatch,
 		Persist:  func(j *store.MultipartJournal) error { return u.saveJournal(name, j) },
 		PartDone: func(int32) { u.m.parts.Inc() },
 	})

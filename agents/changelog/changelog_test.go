@@ -81,8 +81,8 @@ func TestFoldOrderAndRepeatsDoNotMatter(t *testing.T) {
 	}
 }
 
-func fold(bs []*Batch) State {
-	s := State{}
+func fold(bs []*Batch) *State {
+	s := NewState()
 	for _, b := range bs {
 		s.Apply(b)
 	}
@@ -94,7 +94,7 @@ func sameFile(a, b snapshot.File) bool {
 }
 
 func TestRule(t *testing.T) {
-	s := State{}
+	s := NewState()
 	s.Apply(&Batch{Writer: wa, Changes: []Change{write("x", base.Add(2*time.Second), "a"), write("y", base, "a"), write("z", base, "a")}})
 	s.Apply(&Batch{Writer: wb, Changes: []Change{write("x", base.Add(time.Second), "b"), write("y", base, "b"), del("z", base.Add(time.Second))}})
 	files := s.Files()
@@ -209,7 +209,7 @@ func paths(m *snapshot.Manifest) string {
 // One writer's file where another has a directory: the manifest keeps the
 // directory's files (a manifest cannot hold both) and stays valid.
 func TestFileDirClash(t *testing.T) {
-	s := State{}
+	s := NewState()
 	s.Apply(&Batch{Writer: wa, Time: base, Changes: []Change{write("a", base.Add(time.Hour), "1"), write("a-x", base, "2")}})
 	s.Apply(&Batch{Writer: wb, Time: base, Changes: []Change{write("a/b/c", base, "3"), write("d/e", base, "4")}})
 	m := s.Manifest(base, snapshot.Writer{Pod: "p"})
@@ -218,5 +218,92 @@ func TestFileDirClash(t *testing.T) {
 	}
 	if err := m.Validate(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// refFold is the fold as a plain map (the implementation before the compact
+// form): the reference the compact state must agree with.
+func refFold(base []snapshot.File, bw string, bs []*Batch) []snapshot.File {
+	s := map[string]Entry{}
+	for _, f := range base {
+		s[f.Path] = Entry{Change: Change{File: f}, Writer: bw}
+	}
+	for _, b := range bs {
+		for _, c := range b.Changes {
+			e := Entry{Change: c, Writer: b.Writer.ID()}
+			if old, ok := s[c.Path]; !ok || e.beats(old) {
+				s[c.Path] = e
+			}
+		}
+	}
+	dirs := map[string]bool{}
+	for p, e := range s {
+		if e.Deleted {
+			continue
+		}
+		for i := len(p) - 1; i > 0; i-- {
+			if p[i] == '/' {
+				dirs[p[:i]] = true
+			}
+		}
+	}
+	var out []snapshot.File
+	for p, e := range s {
+		if !e.Deleted && !dirs[p] {
+			out = append(out, e.File)
+		}
+	}
+	slices.SortFunc(out, func(a, b snapshot.File) int { return strings.Compare(a.Path, b.Path) })
+	return out
+}
+
+// A checkpoint in compact form plus a tail of batches folds to what the
+// plain map fold gives, file/directory clashes included, and Compact (which
+// reuses the checkpoint's index) agrees with Files.
+func TestFoldOverCheckpoint(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	names := []string{"a", "a-1", "a/b", "a/c", "b", "b/x", "b/x/y", "c.txt", "d/e/f", "d/e", "z"}
+	at := func() time.Time { return base.Add(time.Duration(r.IntN(6)) * time.Second) }
+	for range 500 {
+		var files []snapshot.File
+		for _, p := range names {
+			if r.IntN(2) == 0 {
+				files = append(files, write(p, at(), "cp").File)
+			}
+		}
+		files = refFold(files, "", nil) // a valid checkpoint: no file/dir pair
+		var bs []*Batch
+		for i := range 1 + r.IntN(4) {
+			b := &Batch{Format: Format, Writer: []Writer{wa, wb}[i%2], Time: base}
+			for _, p := range names {
+				switch r.IntN(4) {
+				case 0:
+					b.Changes = append(b.Changes, write(p, at(), fmt.Sprint(r.IntN(3))))
+				case 1:
+					b.Changes = append(b.Changes, del(p, at()))
+				}
+			}
+			bs = append(bs, b)
+		}
+		cp := snapshot.Writer{Pod: "cp"}
+		m := &snapshot.Manifest{Format: snapshot.Format, ID: snapshot.NewID(base, ""), Created: base, Writer: cp, Files: files}
+		s, err := FromManifest(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range bs {
+			s.Apply(b)
+		}
+		want := refFold(files, Writer{Pod: "cp"}.ID(), bs)
+		if got := s.Files(); !slices.EqualFunc(got, want, sameFile) {
+			t.Fatalf("Files:\n%v\nwant\n%v", got, want)
+		}
+		c, err := s.Compact(base, cp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.Files.Files(); !slices.EqualFunc(got, want, sameFile) {
+			t.Fatalf("Compact:\n%v\nwant\n%v", got, want)
+		}
 	}
 }

@@ -16,14 +16,23 @@ import (
 // at 20 ms per GET would otherwise cost seconds.
 const loadConcurrency = 16
 
-// Fold returns the state of the prefix at instant at as a manifest: the
-// newest checkpoint created at or before at, and every batch stamped after it
-// and not after at. A zero at is "latest": the newest checkpoint and every
-// batch after it, whatever its stamp (a writer whose clock runs ahead must not
-// hide an acknowledged upload from a restore that starts now). A prefix
-// without any checkpoint starts from nothing (a v1 prefix always has one: its
-// last snapshot). ErrEmpty: neither a checkpoint nor a batch.
+// Fold is FoldCompact as a []File manifest (small prefixes, tests).
 func Fold(ctx context.Context, st store.Store, at time.Time) (*snapshot.Manifest, error) {
+	c, err := FoldCompact(ctx, st, at)
+	if err != nil {
+		return nil, err
+	}
+	return c.Manifest(), nil
+}
+
+// FoldCompact returns the state of the prefix at instant at as a manifest:
+// the newest checkpoint created at or before at, and every batch stamped
+// after it and not after at. A zero at is "latest": the newest checkpoint and
+// every batch after it, whatever its stamp (a writer whose clock runs ahead
+// must not hide an acknowledged upload from a restore that starts now). A
+// prefix without any checkpoint starts from nothing (a v1 prefix always has
+// one: its last snapshot). ErrEmpty: neither a checkpoint nor a batch.
+func FoldCompact(ctx context.Context, st store.Store, at time.Time) (*snapshot.Compact, error) {
 	f, err := FoldState(ctx, st, at)
 	if err != nil {
 		return nil, err
@@ -40,7 +49,7 @@ func Fold(ctx context.Context, st store.Store, at time.Time) (*snapshot.Manifest
 	if t.IsZero() {
 		t = f.Newest // the same state has the same id
 	}
-	return f.State.Manifest(t, f.Writer), nil
+	return f.State.Compact(t, f.Writer)
 }
 
 // ErrEmpty is Fold's answer for a prefix without checkpoints or batches (at
@@ -49,14 +58,14 @@ var ErrEmpty = fmt.Errorf("%w: no checkpoint and no change log", snapshot.ErrNoS
 
 // Folded is a fold with its provenance.
 type Folded struct {
-	State      State
+	State      *State
 	Checkpoint string    // id of the checkpoint it started from ("" none)
 	From       time.Time // that checkpoint's creation time
 	Writer     snapshot.Writer
-	Base       *snapshot.Manifest // that checkpoint, when no batch came after it
-	Batches    int                // batches applied
-	Newest     time.Time          // stamp of the newest batch applied
-	Applied    []string           // keys of the batches applied
+	Base       *snapshot.Compact // that checkpoint, when no batch came after it
+	Batches    int               // batches applied
+	Newest     time.Time         // stamp of the newest batch applied
+	Applied    []string          // keys of the batches applied
 }
 
 // FoldState is Fold with tombstones kept and the provenance returned.
@@ -100,16 +109,16 @@ func FoldState(ctx context.Context, st store.Store, at time.Time) (*Folded, erro
 func checkpointAt(ctx context.Context, st store.Store, at time.Time) (*Folded, error) {
 	info, err := snapshot.Resolve(ctx, st, at.UTC().Format(time.RFC3339Nano))
 	if errors.Is(err, snapshot.ErrNoSnapshot) {
-		return &Folded{State: State{}}, nil
+		return &Folded{State: NewState()}, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	m, err := snapshot.Load(ctx, st, info)
+	c, err := snapshot.LoadCompact(ctx, st, info)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
-	return &Folded{State: FromManifest(m), Checkpoint: m.ID, From: m.Created, Writer: m.Writer, Base: m}, nil
+	return &Folded{State: FromCompact(c), Checkpoint: c.ID, From: c.Created, Writer: c.Writer, Base: c}, nil
 }
 
 func loadAll(ctx context.Context, st store.Store, infos []Info) ([]*Batch, error) {
@@ -168,8 +177,11 @@ func Checkpoint(ctx context.Context, st store.Store, now time.Time, margin time.
 	if f.Batches == 0 {
 		return "", nil
 	}
-	m := f.State.Manifest(horizon, w)
-	if _, err := snapshot.Write(ctx, st, m); err != nil && !errors.Is(err, store.ErrPrecondition) {
+	m, err := f.State.Compact(horizon, w)
+	if err != nil {
+		return "", err
+	}
+	if _, err := snapshot.WriteCompact(ctx, st, m); err != nil && !errors.Is(err, store.ErrPrecondition) {
 		// ErrPrecondition: a racing compactor wrote this horizon already, and
 		// the fold of the same batches is the same content.
 		return "", err

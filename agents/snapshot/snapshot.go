@@ -3,6 +3,7 @@
 //
 //	PREFIX/snapshots/ID.json or ID.json.gz   the manifest (readers accept both)
 //	PREFIX/data/PATH                         file bytes, user metadata sha256, mtime, mode
+//	                                         (encoded files also size and encoding)
 //
 // ID is the UTC creation time as 20060102T150405.000000000Z, optionally followed
 // by "-" and a short suffix, so ids sort by time as strings.
@@ -12,6 +13,7 @@
 package snapshot
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -29,6 +31,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/podkeeper/podkeeper/agents/codec"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
@@ -42,6 +45,10 @@ const (
 	MetaSHA256   = "sha256"
 	MetaMTime    = "mtime"
 	MetaMode     = "mode"
+	// An encoded object (File.Encoding) also records the encoding and the
+	// original content's size; its sha256 is the original content's too.
+	MetaEncoding = "encoding"
+	MetaSize     = "size"
 )
 
 // Limits applied while decoding.
@@ -71,7 +78,11 @@ type Writer struct {
 	Host      string `json:"host"`
 }
 
-// File is one file of a snapshot.
+// File is one file of a snapshot. Size and SHA256 are the content's; the
+// data object holds it as is, or encoded when Encoding is set (one of
+// agents/codec's encodings: zstd, gzip), and is then decoded before the
+// content is checked against them. Readers that predate the field refuse an
+// entry that has it rather than take encoded bytes for the content.
 type File struct {
 	Path      string    `json:"path"`
 	Size      int64     `json:"size"`
@@ -80,6 +91,7 @@ type File struct {
 	Mode      Mode      `json:"mode"`
 	ETag      string    `json:"etag,omitempty"`
 	VersionID string    `json:"version_id,omitempty"`
+	Encoding  string    `json:"encoding,omitempty"`
 }
 
 // Mode is a file's permission bits, written as an octal string ("0644").
@@ -182,6 +194,18 @@ func ValidPath(p string) error {
 // Validate checks every rule of the format. It sorts an index of the paths
 // instead of building a set: for a million files that is 4 MB, not ~60.
 func (m *Manifest) Validate() error {
+	if err := m.validateHeader(); err != nil {
+		return err
+	}
+	for i := range m.Files {
+		if err := m.Files[i].validate(); err != nil {
+			return fmt.Errorf("file %d %q: %w", i, m.Files[i].Path, err)
+		}
+	}
+	return m.checkPaths()
+}
+
+func (m *Manifest) validateHeader() error {
 	if m.Format != Format {
 		return fmt.Errorf("unknown snapshot format %q (this version reads %q)", m.Format, Format)
 	}
@@ -191,12 +215,7 @@ func (m *Manifest) Validate() error {
 	if m.Created.IsZero() {
 		return errors.New("snapshot has no creation time")
 	}
-	for i := range m.Files {
-		if err := m.Files[i].validate(); err != nil {
-			return fmt.Errorf("file %d %q: %w", i, m.Files[i].Path, err)
-		}
-	}
-	return m.checkPaths()
+	return nil
 }
 
 func (f *File) validate() error {
@@ -212,6 +231,8 @@ func (f *File) validate() error {
 		return errors.New("no mtime")
 	case f.Mode&^0o777 != 0:
 		return fmt.Errorf("mode %s has bits beyond permissions", f.Mode)
+	case !codec.Known(f.Encoding):
+		return fmt.Errorf("unknown encoding %q (this version reads %q and %q)", f.Encoding, codec.Zstd, codec.Gzip)
 	}
 	return nil
 }
@@ -245,11 +266,52 @@ func (m *Manifest) checkPaths() error {
 }
 
 // Decode reads a manifest (plain JSON or gzip, detected by magic bytes) and
-// validates it. Unknown fields, repeated fields, trailing data, oversize input
-// and more than MaxEntries files are refused. It streams: one file entry is
-// decoded at a time, so memory is what the entries need, never the document
-// (json.Decoder.Decode of the whole value buffers all of it first).
+// validates it, as a []File: for small manifests and tests. Agents read
+// checkpoints with DecodeCompact; Decode refuses more than MaxFileEntries.
 func Decode(r io.Reader) (*Manifest, error) {
+	c, err := DecodeCompact(r)
+	if err != nil {
+		return nil, err
+	}
+	if n, limit := c.Files.Len(), MaxFileEntries(); n > limit {
+		return nil, fmt.Errorf("snapshot %s: %d files, more than %d as a file list: %w (%s)", c.ID, n, limit, ErrBudget, budgetSource())
+	}
+	return c.Manifest(), nil
+}
+
+// Compact is a manifest whose files are an Index.
+type Compact struct {
+	Format  string
+	ID      string
+	Created time.Time
+	Writer  Writer
+	Files   *Index
+}
+
+// Manifest materializes c's files.
+func (c *Compact) Manifest() *Manifest {
+	return &Manifest{Format: c.Format, ID: c.ID, Created: c.Created, Writer: c.Writer, Files: c.Files.Files()}
+}
+
+// CompactOf is m in compact form (validated).
+func CompactOf(m *Manifest) (*Compact, error) {
+	if err := m.validateHeader(); err != nil {
+		return nil, err
+	}
+	x, err := IndexOf(m.Files)
+	if err != nil {
+		return nil, err
+	}
+	return &Compact{Format: m.Format, ID: m.ID, Created: m.Created, Writer: m.Writer, Files: x}, nil
+}
+
+// DecodeCompact reads a manifest (plain JSON or gzip, detected by magic
+// bytes) into compact form and validates it. Unknown fields, repeated fields,
+// trailing data, oversize input and entries over the memory budget
+// (BudgetBytes, MaxEntries) are refused. It streams: one file entry is
+// decoded at a time into the Index, so memory is what the index needs, never
+// the document.
+func DecodeCompact(r io.Reader) (*Compact, error) {
 	src, closeSrc, err := decompress(r)
 	if err != nil {
 		return nil, err
@@ -258,10 +320,14 @@ func Decode(r io.Reader) (*Manifest, error) {
 	lr := &io.LimitedReader{R: src, N: MaxManifestBytes + 1}
 	dec := json.NewDecoder(lr)
 	dec.DisallowUnknownFields()
-	m, err := decodeObject(dec)
+	b := NewBuilder()
+	m, err := decodeObject(dec, b)
 	if err != nil {
 		if lr.N <= 0 {
 			return nil, fmt.Errorf("snapshot: manifest larger than %d bytes", MaxManifestBytes)
+		}
+		if errors.Is(err, ErrBudget) {
+			return nil, fmt.Errorf("snapshot: %w", err)
 		}
 		return nil, fmt.Errorf("snapshot: not a valid manifest: %w", err)
 	}
@@ -271,10 +337,17 @@ func Decode(r io.Reader) (*Manifest, error) {
 	if m.Files == nil {
 		return nil, errors.New(`snapshot: "files" is missing`)
 	}
-	if err := m.Validate(); err != nil {
+	if err := m.validateHeader(); err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", m.ID, err)
 	}
-	return m, nil
+	if b.err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", m.ID, b.err)
+	}
+	x, err := b.Finish()
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", m.ID, err)
+	}
+	return &Compact{Format: m.Format, ID: m.ID, Created: m.Created, Writer: m.Writer, Files: x}, nil
 }
 
 func decompress(r io.Reader) (io.Reader, func(), error) {
@@ -295,7 +368,7 @@ func decompress(r io.Reader) (io.Reader, func(), error) {
 
 // decodeObject walks the top-level object key by key; "files" is read entry
 // by entry.
-func decodeObject(dec *json.Decoder) (*Manifest, error) {
+func decodeObject(dec *json.Decoder, b *Builder) (*Manifest, error) {
 	if err := expectDelim(dec, '{'); err != nil {
 		return nil, err
 	}
@@ -321,7 +394,7 @@ func decodeObject(dec *json.Decoder) (*Manifest, error) {
 		case "writer":
 			err = dec.Decode(&m.Writer)
 		case "files":
-			m.Files, err = decodeFiles(dec)
+			m.Files, err = decodeFiles(dec, b)
 		default:
 			err = fmt.Errorf("unknown field %q", key)
 		}
@@ -332,7 +405,10 @@ func decodeObject(dec *json.Decoder) (*Manifest, error) {
 	return m, expectDelim(dec, '}')
 }
 
-func decodeFiles(dec *json.Decoder) ([]File, error) {
+// decodeFiles adds each entry to b. A file that breaks a rule of its own is
+// remembered (b.err) and decoding goes on, so that a malformed document is
+// still reported as such first; the entries stop counting from there.
+func decodeFiles(dec *json.Decoder, b *Builder) ([]File, error) {
 	tok, err := dec.Token()
 	if err != nil {
 		return nil, err
@@ -343,18 +419,24 @@ func decodeFiles(dec *json.Decoder) ([]File, error) {
 	if d, ok := tok.(json.Delim); !ok || d != '[' {
 		return nil, fmt.Errorf(`"files" must be an array`)
 	}
-	files := []File{}
-	limit := MaxEntries()
-	for dec.More() {
-		if len(files) >= limit {
-			return nil, fmt.Errorf("more than %d files: over this agent's memory budget (%s)", limit, budgetSource())
+	var f File
+	for i := 0; dec.More(); i++ {
+		f = File{}
+		if err := dec.Decode(&f); err != nil {
+			return nil, fmt.Errorf("file %d: %w", i, err)
 		}
-		files = append(files, File{})
-		if err := dec.Decode(&files[len(files)-1]); err != nil {
-			return nil, fmt.Errorf("file %d: %w", len(files)-1, err)
+		if b.err != nil {
+			continue
+		}
+		if err := f.validate(); err != nil {
+			b.err = fmt.Errorf("file %d %q: %w", i, f.Path, err)
+			continue
+		}
+		if err := b.add(f); err != nil {
+			return nil, err
 		}
 	}
-	return files, expectDelim(dec, ']')
+	return []File{}, expectDelim(dec, ']')
 }
 
 func expectDelim(dec *json.Decoder, want json.Delim) error {
@@ -487,21 +569,34 @@ func Resolve(ctx context.Context, st store.Store, spec string) (Info, error) {
 	return Info{}, fmt.Errorf("%w created at or before %s", ErrNoSnapshot, at.UTC().Format(time.RFC3339))
 }
 
-// Load fetches and decodes one snapshot.
+// Load fetches and decodes one snapshot as a []File (small manifests; see
+// LoadCompact).
 func Load(ctx context.Context, st store.Store, info Info) (*Manifest, error) {
+	c, err := LoadCompact(ctx, st, info)
+	if err != nil {
+		return nil, err
+	}
+	if n, limit := c.Files.Len(), MaxFileEntries(); n > limit {
+		return nil, fmt.Errorf("%s: %d files, more than %d as a file list: %w (%s)", info.Key, n, limit, ErrBudget, budgetSource())
+	}
+	return c.Manifest(), nil
+}
+
+// LoadCompact fetches and decodes one snapshot in compact form.
+func LoadCompact(ctx context.Context, st store.Store, info Info) (*Compact, error) {
 	rc, _, err := st.Get(ctx, info.Key, store.GetOptions{})
 	if err != nil {
 		return nil, err
 	}
 	defer rc.Close()
-	m, err := Decode(rc)
+	c, err := DecodeCompact(rc)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", info.Key, err)
 	}
-	if m.ID != info.ID {
-		return nil, fmt.Errorf("%s: manifest says id %s", info.Key, m.ID)
+	if c.ID != info.ID {
+		return nil, fmt.Errorf("%s: manifest says id %s", info.Key, c.ID)
 	}
-	return m, nil
+	return c, nil
 }
 
 // Write encodes m (gzip) and stores it under its key. It returns the key.
@@ -514,6 +609,78 @@ func Write(ctx context.Context, st store.Store, m *Manifest) (string, error) {
 	_, err := st.Put(ctx, key, bytes.NewReader(buf.Bytes()), int64(buf.Len()), store.PutOptions{ContentType: "application/gzip", IfNoneMatch: true})
 	return key, err
 }
+
+// EncodeCompact writes c as JSON, gzip-compressed when gz is set: the bytes
+// Encode writes for the same manifest, produced one entry at a time.
+func EncodeCompact(w io.Writer, c *Compact, gz bool) error {
+	h := Manifest{Format: c.Format, ID: c.ID, Created: c.Created, Writer: c.Writer}
+	if err := h.validateHeader(); err != nil {
+		return err
+	}
+	var zw *gzip.Writer
+	if gz {
+		zw = gzip.NewWriter(w)
+		w = zw
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	put := func(prefix string, v any) {
+		bw.WriteString(prefix)
+		b, _ := json.Marshal(v)
+		bw.Write(b)
+	}
+	put(`{"format":`, h.Format)
+	put(`,"id":`, h.ID)
+	put(`,"created":`, h.Created)
+	put(`,"writer":`, h.Writer)
+	bw.WriteString(`,"files":[`)
+	for i, f := range c.Files.All() {
+		b, err := json.Marshal(f)
+		if err != nil {
+			return err
+		}
+		if i > 0 {
+			bw.WriteByte(',')
+		}
+		bw.Write(b)
+	}
+	bw.WriteString("]}\n")
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	if zw != nil {
+		return zw.Close()
+	}
+	return nil
+}
+
+// WriteCompact encodes c (gzip) and stores it under its key, without holding
+// the encoded manifest: a large one is encoded twice, once to learn its size
+// (gzip output is deterministic) and once into the upload. It returns the key.
+func WriteCompact(ctx context.Context, st store.Store, c *Compact) (string, error) {
+	key := Key(c.ID, true)
+	opts := store.PutOptions{ContentType: "application/gzip", IfNoneMatch: true}
+	var cw countWriter
+	if c.Files.Len() <= 10_000 {
+		var buf bytes.Buffer
+		if err := EncodeCompact(&buf, c, true); err != nil {
+			return "", err
+		}
+		_, err := st.Put(ctx, key, bytes.NewReader(buf.Bytes()), int64(buf.Len()), opts)
+		return key, err
+	}
+	if err := EncodeCompact(&cw, c, true); err != nil {
+		return "", err
+	}
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(EncodeCompact(pw, c, true)) }()
+	_, err := st.Put(ctx, key, pr, int64(cw), opts)
+	pr.CloseWithError(errors.New("upload ended"))
+	return key, err
+}
+
+type countWriter int64
+
+func (c *countWriter) Write(b []byte) (int, error) { *c += countWriter(len(b)); return len(b), nil }
 
 // ValidateID reports whether id is a well-formed snapshot id.
 func ValidateID(id string) error {
@@ -543,13 +710,28 @@ func HashReader(r io.Reader) (string, int64, error) {
 
 // Metadata is the user metadata of a data object for f.
 func (f File) Metadata() map[string]string {
-	return map[string]string{MetaSHA256: f.SHA256, MetaMTime: f.MTime.UTC().Format(time.RFC3339Nano), MetaMode: f.Mode.String()}
+	m := map[string]string{MetaSHA256: f.SHA256, MetaMTime: f.MTime.UTC().Format(time.RFC3339Nano), MetaMode: f.Mode.String()}
+	if f.Encoding != "" {
+		m[MetaEncoding], m[MetaSize] = f.Encoding, strconv.FormatInt(f.Size, 10)
+	}
+	return m
 }
 
 // FileFromMetadata rebuilds an entry from a data object's metadata (as written
-// by Metadata), checking it as strictly as a manifest.
+// by Metadata), checking it as strictly as a manifest. size is the object's;
+// an encoded object's metadata names the content's.
 func FileFromMetadata(path string, size int64, meta map[string]string) (File, error) {
-	f := File{Path: path, Size: size, SHA256: meta[MetaSHA256]}
+	f := File{Path: path, Size: size, SHA256: meta[MetaSHA256], Encoding: meta[MetaEncoding]}
+	if f.Encoding != "" {
+		if !codec.Known(f.Encoding) {
+			return File{}, fmt.Errorf("object %s: unknown encoding %q", path, f.Encoding)
+		}
+		n, err := strconv.ParseInt(meta[MetaSize], 10, 64)
+		if err != nil || n < 0 || n > MaxFileSize {
+			return File{}, fmt.Errorf("object %s: metadata size %q of its %s content", path, meta[MetaSize], f.Encoding)
+		}
+		f.Size = n
+	}
 	mt, err := time.Parse(time.RFC3339Nano, meta[MetaMTime])
 	if err != nil {
 		return File{}, fmt.Errorf("object %s: metadata mtime %q: %w", path, meta[MetaMTime], err)

@@ -75,6 +75,7 @@ func TestDecodeRefusesHostile(t *testing.T) {
 		{"uppercase sha", strings.Replace(valid(), sha, strings.ToUpper(sha), 1), "sha256"},
 		{"short sha", strings.Replace(valid(), sha, sha[:63], 1), "sha256"},
 		{"setuid", strings.Replace(valid(), `"0644"`, `"4755"`, 1), "setuid"},
+		{"unknown encoding", strings.Replace(valid(), `"version_id":"v1"`, `"version_id":"v1","encoding":"br"`, 1), `unknown encoding "br"`},
 		{"sticky", strings.Replace(valid(), `"0644"`, `"1777"`, 1), "setuid/setgid/sticky"},
 		{"mode not octal", strings.Replace(valid(), `"0644"`, `"0999"`, 1), "octal"},
 		{"mode number", strings.Replace(valid(), `"0644"`, `420`, 1), "octal string"},
@@ -116,6 +117,41 @@ func TestDecodeGzipBomb(t *testing.T) {
 	_, err := Decode(&buf)
 	if err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("gzip bomb: %v", err)
+	}
+}
+
+// TestEncoding: an encoded entry round-trips through a manifest and
+// through the data object's metadata, which carries the content's size.
+func TestEncoding(t *testing.T) {
+	m, err := Decode(strings.NewReader(strings.Replace(valid(), `"version_id":"v1"`, `"version_id":"v1","encoding":"zstd"`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := m.Files[0]
+	if f.Encoding != "zstd" || m.Files[1].Encoding != "" {
+		t.Fatalf("encodings %q %q", f.Encoding, m.Files[1].Encoding)
+	}
+	var buf bytes.Buffer
+	if err := Encode(&buf, m, false); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(buf.String(), `"encoding"`); n != 1 {
+		t.Fatalf("%d encoding fields in %s", n, buf.String())
+	}
+	meta := f.Metadata()
+	if meta[MetaEncoding] != "zstd" || meta[MetaSize] != "123" {
+		t.Fatalf("metadata %v", meta)
+	}
+	back, err := FileFromMetadata(f.Path, 45, meta) // 45 bytes stored
+	if err != nil || back.Size != 123 || back.Encoding != "zstd" || back.SHA256 != f.SHA256 {
+		t.Fatalf("from metadata: %+v %v", back, err)
+	}
+	if _, ok := m.Files[1].Metadata()[MetaSize]; ok {
+		t.Error("a plain object's metadata names a size")
+	}
+	meta[MetaEncoding] = "br"
+	if _, err := FileFromMetadata(f.Path, 45, meta); err == nil {
+		t.Error("unknown encoding in metadata accepted")
 	}
 }
 

@@ -152,6 +152,12 @@ type MultipartOptions struct {
 	Concurrency int
 	Metadata    map[string]string
 	ContentType string
+	// IfNoneMatch and IfMatch make the completion conditional, as for Put:
+	// it fails with ErrPrecondition when the key exists (IfNoneMatch) or its
+	// ETag is not IfMatch. The upload and its parts stay on the server, so
+	// an attempt under other conditions reuses them.
+	IfNoneMatch bool
+	IfMatch     string
 	// Persist is called after the upload is created and after every finished
 	// part; an error aborts the attempt (the caller's disk is failing).
 	Persist func(*MultipartJournal) error

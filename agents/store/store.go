@@ -77,6 +77,9 @@ type PutOptions struct {
 	// Metadata is user metadata (x-amz-meta-*). Keys are lower-case ASCII.
 	Metadata    map[string]string
 	ContentType string
+	// ContentEncoding is the object's HTTP Content-Encoding (e.g. "gzip":
+	// a plain HTTP GET then decodes it); Head and Get report it back.
+	ContentEncoding string
 	// IfNoneMatch makes the write fail with ErrPrecondition when the key exists.
 	IfNoneMatch bool
 	// IfMatch makes the write fail with ErrPrecondition unless the current ETag
@@ -107,6 +110,9 @@ type ObjectInfo struct {
 	ModTime   time.Time
 	Metadata  map[string]string
 	VersionID string
+	// ContentEncoding as written (PutOptions.ContentEncoding); filled by
+	// Head and Get, not by List.
+	ContentEncoding string
 }
 
 // Error is the error type of every backend. Retryable classifies it: a

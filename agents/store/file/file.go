@@ -53,6 +53,7 @@ type fileMeta struct {
 	Size        int64             `json:"size"`
 	ETag        string            `json:"etag"`
 	ContentType string            `json:"content_type,omitempty"`
+	Encoding    string            `json:"content_encoding,omitempty"`
 	Metadata    map[string]string `json:"metadata,omitempty"`
 	ModTime     time.Time         `json:"mtime"`
 }
@@ -123,7 +124,7 @@ func (s *Store) Put(ctx context.Context, key string, r io.Reader, size int64, op
 	if err != nil {
 		return store.ObjectInfo{}, fsErr("put", key, err)
 	}
-	meta := fileMeta{Size: n, ETag: etagOf(h), ContentType: opts.ContentType, Metadata: opts.Metadata, ModTime: time.Now().UTC()}
+	meta := fileMeta{Size: n, ETag: etagOf(h), ContentType: opts.ContentType, Encoding: opts.ContentEncoding, Metadata: opts.Metadata, ModTime: time.Now().UTC()}
 	metaTmp, err := writeTempJSON(tmpDir, meta)
 	if err != nil {
 		return store.ObjectInfo{}, fsErr("put", key, err)
@@ -155,7 +156,7 @@ func (s *Store) Put(ctx context.Context, key string, r io.Reader, size int64, op
 	}
 	syncDir(filepath.Dir(dst))
 	syncDir(filepath.Dir(s.metaPath(key)))
-	return store.ObjectInfo{Key: key, Size: n, ETag: meta.ETag, ModTime: meta.ModTime, Metadata: meta.Metadata}, nil
+	return store.ObjectInfo{Key: key, Size: n, ETag: meta.ETag, ModTime: meta.ModTime, Metadata: meta.Metadata, ContentEncoding: meta.Encoding}, nil
 }
 
 // checkPrecondition evaluates IfNoneMatch/IfMatch; the caller holds the lock.
@@ -261,7 +262,7 @@ func (s *Store) headOpen(key string, f *os.File) (store.ObjectInfo, error) {
 		}
 		m = fileMeta{Size: st.Size(), ETag: etagOf(h), ModTime: st.ModTime().UTC()}
 	}
-	return store.ObjectInfo{Key: key, Size: m.Size, ETag: m.ETag, ModTime: m.ModTime, Metadata: m.Metadata}, nil
+	return store.ObjectInfo{Key: key, Size: m.Size, ETag: m.ETag, ModTime: m.ModTime, Metadata: m.Metadata, ContentEncoding: m.Encoding}, nil
 }
 
 func (s *Store) List(ctx context.Context, prefix string) iter.Seq2[store.ObjectInfo, error] {
@@ -316,7 +317,7 @@ func (s *Store) ListAfter(ctx context.Context, prefix, after string) iter.Seq2[s
 				yield(store.ObjectInfo{}, err)
 				return
 			}
-			info.Metadata = nil // as S3's ListObjectsV2
+			info.Metadata, info.ContentEncoding = nil, "" // as S3's ListObjectsV2
 			if !yield(info, nil) {
 				return
 			}

@@ -12,6 +12,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
 	s3types "github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/aws/smithy-go"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/podkeeper/podkeeper/agents/store"
@@ -167,11 +168,24 @@ func (u *upload) complete(ctx context.Context, size int64, nparts int32) (store.
 		}
 	}
 	slices.SortFunc(parts, func(a, b s3types.CompletedPart) int { return int(*a.PartNumber - *b.PartNumber) })
-	out, err := s.client.CompleteMultipartUpload(ctx, &awss3.CompleteMultipartUploadInput{
+	in := &awss3.CompleteMultipartUploadInput{
 		Bucket: aws.String(s.bucket), Key: aws.String(s.fullKey(u.key)), UploadId: aws.String(u.j.UploadID),
 		MultipartUpload: &s3types.CompletedMultipartUpload{Parts: parts},
-	})
+	}
+	if u.o.IfNoneMatch {
+		in.IfNoneMatch = aws.String("*")
+	}
+	if u.o.IfMatch != "" {
+		in.IfMatch = aws.String(u.o.IfMatch)
+	}
+	out, err := s.client.CompleteMultipartUpload(ctx, in)
 	if err != nil {
+		var ae smithy.APIError
+		if u.o.IfMatch != "" && errors.As(err, &ae) && ae.ErrorCode() == "NoSuchKey" {
+			// If-Match on a key that is gone (S3 answers 404 NoSuchKey, not
+			// 412): the condition failed, the upload is still there.
+			return store.ObjectInfo{}, &store.Error{Op: "multipart complete", Key: u.key, Err: fmt.Errorf("%w: object does not exist (If-Match) (%v)", store.ErrPrecondition, err)}
+		}
 		err = classify("multipart complete", u.key, err)
 		if errors.Is(err, store.ErrNotExist) {
 			// The upload vanished between the parts and Complete (aborted by a

@@ -191,6 +191,9 @@ func (s *Store) Put(ctx context.Context, key string, r io.Reader, size int64, op
 	if opts.ContentType != "" {
 		in.ContentType = aws.String(opts.ContentType)
 	}
+	if opts.ContentEncoding != "" {
+		in.ContentEncoding = aws.String(opts.ContentEncoding)
+	}
 	if s.kmsKeyID != "" {
 		in.SSEKMSKeyId = aws.String(s.kmsKeyID)
 	}
@@ -198,7 +201,8 @@ func (s *Store) Put(ctx context.Context, key string, r io.Reader, size int64, op
 	if err != nil {
 		return store.ObjectInfo{}, classify("put", key, err)
 	}
-	return store.ObjectInfo{Key: key, Size: size, ETag: aws.ToString(out.ETag), VersionID: aws.ToString(out.VersionId), Metadata: opts.Metadata}, nil
+	return store.ObjectInfo{Key: key, Size: size, ETag: aws.ToString(out.ETag), VersionID: aws.ToString(out.VersionId), Metadata: opts.Metadata,
+		ContentEncoding: opts.ContentEncoding}, nil
 }
 
 // putParts sends a large or unknown-size body through the transfer manager,
@@ -211,6 +215,9 @@ func (s *Store) putParts(ctx context.Context, key string, r io.Reader, size int6
 	}
 	if opts.ContentType != "" {
 		in.ContentType = aws.String(opts.ContentType)
+	}
+	if opts.ContentEncoding != "" {
+		in.ContentEncoding = aws.String(opts.ContentEncoding)
 	}
 	if s.kmsKeyID != "" {
 		in.SSEKMSKeyID = aws.String(s.kmsKeyID)
@@ -252,7 +259,8 @@ func (s *Store) Get(ctx context.Context, key string, opts store.GetOptions) (io.
 	if err != nil {
 		return nil, store.ObjectInfo{}, classify("get", key, err)
 	}
-	info := store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId)}
+	info := store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId),
+		ContentEncoding: aws.ToString(out.ContentEncoding)}
 	if out.LastModified != nil {
 		info.ModTime = out.LastModified.UTC()
 	}
@@ -279,7 +287,8 @@ func (s *Store) Head(ctx context.Context, key string, opts store.HeadOptions) (s
 	if err != nil {
 		return store.ObjectInfo{}, classify("head", key, err)
 	}
-	info := store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId)}
+	info := store.ObjectInfo{Key: key, Size: aws.ToInt64(out.ContentLength), ETag: aws.ToString(out.ETag), Metadata: out.Metadata, VersionID: aws.ToString(out.VersionId),
+		ContentEncoding: aws.ToString(out.ContentEncoding)}
 	if out.LastModified != nil {
 		info.ModTime = out.LastModified.UTC()
 	}

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"io"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/podkeeper/podkeeper/agents/store"
 )
@@ -22,6 +25,109 @@ func runMultiparter(t *testing.T, b Backend) {
 	t.Run("AbortedUploadStartsOver", func(t *testing.T) {
 		checkAbortedUpload(t, b.New(t).(store.Multiparter))
 	})
+	t.Run("ConditionalComplete", func(t *testing.T) {
+		checkConditionalComplete(t, b.New(t).(store.Multiparter))
+	})
+}
+
+// checkConditionalComplete: completions are conditional like Put. Two
+// uploads of a new key with IfNoneMatch, both with their parts on the
+// server before either completes: exactly one completes, the other gets
+// ErrPrecondition. IfMatch on a stale ETag (or on a key that is gone) fails
+// the same way, and the refused upload's parts stay usable: a new attempt
+// under the right condition completes it.
+func checkConditionalComplete(t *testing.T, mp store.Multiparter) {
+	s := mp.(store.Store)
+	const key = "data/racy"
+	bodies := [][]byte{bytes.Repeat([]byte("A"), 1<<20), bytes.Repeat([]byte("B"), 1<<20)}
+	var arrived atomic.Int32
+	both := make(chan struct{})
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for i, body := range bodies {
+		wg.Go(func() {
+			j := &store.MultipartJournal{Key: key, Size: int64(len(body))}
+			_, errs[i] = mp.UploadFileResumable(ctx, key, bytes.NewReader(body), int64(len(body)), j, store.MultipartOptions{
+				PartSize: store.MinPartSize, Concurrency: 1, IfNoneMatch: true,
+				PartDone: func(int32) {
+					// Complete only once both uploads have their parts.
+					if arrived.Add(1) == 2 {
+						close(both)
+					}
+					select {
+					case <-both:
+					case <-time.After(time.Minute):
+					}
+				},
+			})
+		})
+	}
+	wg.Wait()
+	if arrived.Load() != 2 {
+		t.Fatalf("only %d uploads sent their parts: %v", arrived.Load(), errs)
+	}
+	winner := -1
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			if winner >= 0 {
+				t.Fatalf("both completions of a new key succeeded with If-None-Match")
+			}
+			winner = i
+		case errors.Is(err, store.ErrPrecondition) && !store.IsRetryable(err):
+		default:
+			t.Fatalf("racer %d: %v, want ErrPrecondition", i, err)
+		}
+	}
+	if winner < 0 {
+		t.Fatalf("no completion succeeded: %v", errs)
+	}
+	if got := get(t, s, key, store.GetOptions{}); !bytes.Equal(got, bodies[winner]) {
+		t.Fatalf("object is not the winner's body")
+	}
+	cur, err := s.Head(ctx, key, store.HeadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range uploadIDs(t, mp, key) {
+		_ = mp.AbortMultipart(ctx, key, id)
+	}
+
+	// If-Match: refused on a stale ETag, then the same upload completes on
+	// the current one.
+	next := bytes.Repeat([]byte("C"), 1<<20)
+	j := &store.MultipartJournal{Key: key, Size: int64(len(next))}
+	o := store.MultipartOptions{PartSize: store.MinPartSize, Concurrency: 1, IfMatch: `"0123456789abcdef0123456789abcdef"`}
+	if _, err := mp.UploadFileResumable(ctx, key, bytes.NewReader(next), int64(len(next)), j, o); !errors.Is(err, store.ErrPrecondition) {
+		t.Fatalf("If-Match on a stale ETag: %v", err)
+	}
+	if j.UploadID == "" || j.PartCount() != 1 {
+		t.Fatalf("the refused upload was dropped: %+v", j)
+	}
+	refused := j.UploadID
+	o.IfMatch = cur.ETag
+	if _, err := mp.UploadFileResumable(ctx, key, errAfter{bytes.NewReader(next), 0}, int64(len(next)), j, o); err != nil {
+		t.Fatalf("If-Match on the current ETag, parts reused (the file is not read): %v", err)
+	}
+	if j.UploadID != refused {
+		t.Errorf("a new upload was started instead of completing %s", refused)
+	}
+	if got := get(t, s, key, store.GetOptions{}); !bytes.Equal(got, next) {
+		t.Fatal("If-Match completion did not replace the object")
+	}
+	// If-Match on a key that is gone.
+	if err := s.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	j = &store.MultipartJournal{Key: key, Size: int64(len(next))}
+	o.IfMatch = cur.ETag
+	_, err = mp.UploadFileResumable(ctx, key, bytes.NewReader(next), int64(len(next)), j, o)
+	if !errors.Is(err, store.ErrPrecondition) {
+		t.Fatalf("If-Match on a deleted key: %v", err)
+	}
+	if err := mp.AbortMultipart(ctx, key, j.UploadID); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // partData is four full parts and a short last one.

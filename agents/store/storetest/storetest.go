@@ -5,6 +5,7 @@ package storetest
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -53,6 +54,7 @@ func Run(t *testing.T, b Backend) {
 		fn   func(t *testing.T, s store.Store)
 	}{
 		{"RoundTripMetadata", checkRoundTripMetadata},
+		{"ContentEncoding", checkContentEncoding},
 		{"UnseekableBody", checkUnseekableBody},
 		{"EmptyObject", checkEmptyObject},
 		{"UnusualKeys", checkUnusualKeys},
@@ -101,6 +103,40 @@ func checkRoundTripMetadata(t *testing.T, s store.Store) {
 	got := get(t, s, "data/a/b.txt", store.GetOptions{})
 	if !bytes.Equal(got, body) {
 		t.Fatalf("get = %q", got)
+	}
+}
+
+// checkContentEncoding: the Content-Encoding given at Put is reported by
+// Head and Get, and the stored bytes come back as they were put (the store
+// never decodes them, whatever the HTTP client would do on its own).
+func checkContentEncoding(t *testing.T, s store.Store) {
+	content := bytes.Repeat([]byte("compressible line of text\n"), 2000)
+	var gz bytes.Buffer
+	w := gzip.NewWriter(&gz)
+	w.Write(content)
+	w.Close()
+	if _, err := s.Put(ctx, "enc/a.txt.gz-stored", bytes.NewReader(gz.Bytes()), int64(gz.Len()),
+		store.PutOptions{ContentType: "text/plain", ContentEncoding: "gzip"}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Head(ctx, "enc/a.txt.gz-stored", store.HeadOptions{})
+	if err != nil || h.ContentEncoding != "gzip" || h.Size != int64(gz.Len()) {
+		t.Fatalf("head: encoding %q, %d bytes (want gzip, %d): %v", h.ContentEncoding, h.Size, gz.Len(), err)
+	}
+	rc, info, err := s.Get(ctx, "enc/a.txt.gz-stored", store.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(got, gz.Bytes()) || info.ContentEncoding != "gzip" {
+		t.Fatalf("get: %d bytes (want the %d stored), encoding %q, %v", len(got), gz.Len(), info.ContentEncoding, err)
+	}
+	if _, err := s.Put(ctx, "enc/plain", strings.NewReader("x"), 1, store.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := s.Head(ctx, "enc/plain", store.HeadOptions{}); err != nil || h.ContentEncoding != "" {
+		t.Fatalf("plain object: encoding %q, %v", h.ContentEncoding, err)
 	}
 }
 

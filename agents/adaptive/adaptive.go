@@ -1,4 +1,8 @@
-package restore
+// Package adaptive is the adaptive concurrency of small transfers (restore's
+// downloads, the syncer's uploads). A small object costs about one round
+// trip, so a fixed number of parallel requests caps a transfer at
+// concurrency / RTT objects per second, however fast the bucket is.
+package adaptive
 
 import (
 	"context"
@@ -8,11 +12,8 @@ import (
 	"time"
 )
 
-// limiter is the adaptive concurrency of small-file downloads. A small file
-// costs about one round trip, so a fixed number of parallel GETs caps a
-// restore at concurrency / RTT files per second, however fast the bucket is.
-// The limiter starts at RESTORE_CONCURRENCY and measures the completion rate
-// over windows of a few times the limit:
+// Limiter starts at a configured concurrency and measures the completion
+// rate over windows of a few times the limit:
 //
 //   - probing: while each growth step buys at least growthGain of its
 //     proportional gain in files/s, the limit grows by half (a quarter after a
@@ -26,7 +27,7 @@ import (
 //
 // Its decisions take the time as an argument, so they are tested without a
 // network or a clock.
-type limiter struct {
+type Limiter struct {
 	mu       sync.Mutex
 	limit    int
 	max      int
@@ -50,14 +51,14 @@ const (
 	minWindow  = 8 // completions
 )
 
-func newLimiter(start, upper int, now time.Time) *limiter {
+func New(start, upper int, now time.Time) *Limiter {
 	start = max(1, start)
 	upper = max(start, upper)
-	return &limiter{limit: start, max: upper, wake: make(chan struct{}), probing: upper > start, winStart: now}
+	return &Limiter{limit: start, max: upper, wake: make(chan struct{}), probing: upper > start, winStart: now}
 }
 
-// acquire waits for a free slot.
-func (l *limiter) acquire(ctx context.Context) error {
+// Acquire waits for a free slot.
+func (l *Limiter) Acquire(ctx context.Context) error {
 	for {
 		l.mu.Lock()
 		if l.inflight < l.limit {
@@ -75,28 +76,28 @@ func (l *limiter) acquire(ctx context.Context) error {
 	}
 }
 
-// release frees a slot.
-func (l *limiter) release() {
+// Release frees a slot.
+func (l *Limiter) Release() {
 	l.mu.Lock()
 	l.inflight--
 	l.signal()
 	l.mu.Unlock()
 }
 
-func (l *limiter) signal() {
+func (l *Limiter) signal() {
 	close(l.wake)
 	l.wake = make(chan struct{})
 }
 
 // Limit is the current limit.
-func (l *limiter) Limit() int {
+func (l *Limiter) Limit() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.limit
 }
 
-// done records one completed download at now.
-func (l *limiter) done(now time.Time) {
+// Done records one completed download at now.
+func (l *Limiter) Done(now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.winDone++
@@ -146,9 +147,9 @@ func (l *limiter) done(now time.Time) {
 	}
 }
 
-// throttled records a throttling signal at now: the limit halves, at most
+// Throttled records a throttling signal at now: the limit halves, at most
 // once per holdFor (a burst of in-flight requests fails together).
-func (l *limiter) throttled(now time.Time) {
+func (l *Limiter) Throttled(now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if now.Before(l.holdUntil) {
@@ -160,10 +161,10 @@ func (l *limiter) throttled(now time.Time) {
 	l.winStart, l.winDone = now, 0
 }
 
-// isThrottle reports whether err says the server is overloaded or the request
+// IsThrottle reports whether err says the server is overloaded or the request
 // timed out: 503 (S3's SlowDown), 429, an error code naming throttling, or a
 // network timeout.
-func isThrottle(err error) bool {
+func IsThrottle(err error) bool {
 	var sc interface{ HTTPStatusCode() int }
 	if errors.As(err, &sc) {
 		if s := sc.HTTPStatusCode(); s == 503 || s == 429 {

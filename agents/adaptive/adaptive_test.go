@@ -1,4 +1,4 @@
-package restore
+package adaptive
 
 import (
 	"context"
@@ -16,7 +16,7 @@ import (
 // simulate drives l with a fluid model of a store: each request takes rtt,
 // and the whole system completes at most capRate requests per second (0: no
 // cap). It returns the highest limit seen and the final rate.
-func simulate(l *limiter, t0 time.Time, d, rtt time.Duration, capRate float64, each func(now time.Time)) (peak int, rate float64) {
+func simulate(l *Limiter, t0 time.Time, d, rtt time.Duration, capRate float64, each func(now time.Time)) (peak int, rate float64) {
 	const dt = time.Millisecond
 	acc := 0.0
 	for now := t0; now.Before(t0.Add(d)); now = now.Add(dt) {
@@ -28,7 +28,7 @@ func simulate(l *limiter, t0 time.Time, d, rtt time.Duration, capRate float64, e
 		}
 		acc += rate * dt.Seconds()
 		for ; acc >= 1; acc-- {
-			l.done(now)
+			l.Done(now)
 		}
 		if each != nil {
 			each(now)
@@ -41,7 +41,7 @@ func TestLimiterGrowsWhileThroughputGrows(t *testing.T) {
 	t0 := time.Unix(0, 0)
 	// Latency-bound (20 ms round trips, a server with room): the rate grows
 	// with every step, so the limit climbs to the bound and not past it.
-	l := newLimiter(16, 128, t0)
+	l := New(16, 128, t0)
 	peak, rate := simulate(l, t0, 5*time.Second, 20*time.Millisecond, 0, nil)
 	if l.Limit() != 128 || peak != 128 {
 		t.Errorf("latency-bound: limit %d, peak %d, want the bound 128", l.Limit(), peak)
@@ -52,7 +52,7 @@ func TestLimiterGrowsWhileThroughputGrows(t *testing.T) {
 
 	// Server-bound at 1500 requests/s = 30 in flight at 20 ms: growing past
 	// that gains nothing, so the limit stops soon after.
-	l = newLimiter(16, 256, t0)
+	l = New(16, 256, t0)
 	peak, rate = simulate(l, t0, 5*time.Second, 20*time.Millisecond, 1500, nil)
 	if rate < 1500 {
 		t.Errorf("server-bound: rate %.0f, want the cap", rate)
@@ -66,7 +66,7 @@ func TestLimiterUndoesAStepThatBuysNothing(t *testing.T) {
 	// Already at the server's bound (800/s = 16 at 20 ms, e.g. loopback on a
 	// busy CPU): probes find nothing, so the limit stays at the start.
 	t0 := time.Unix(0, 0)
-	l := newLimiter(16, 128, t0)
+	l := New(16, 128, t0)
 	peak, _ := simulate(l, t0, 10*time.Second, 20*time.Millisecond, 800, nil)
 	if l.Limit() != 16 || peak > 24 {
 		t.Errorf("limit %d (peak %d), want 16 after probes of at most one step", l.Limit(), peak)
@@ -75,42 +75,42 @@ func TestLimiterUndoesAStepThatBuysNothing(t *testing.T) {
 
 func TestLimiterRespectsBound(t *testing.T) {
 	t0 := time.Unix(0, 0)
-	l := newLimiter(16, 16, t0)
+	l := New(16, 16, t0)
 	if peak, _ := simulate(l, t0, 2*time.Second, 20*time.Millisecond, 0, nil); peak != 16 || l.Limit() != 16 {
 		t.Errorf("max = start: limit %d, peak %d, want fixed 16", l.Limit(), peak)
 	}
 	// A bound below the start is the start (RESTORE_CONCURRENCY wins).
-	if l := newLimiter(32, 8, t0); l.Limit() != 32 || l.max != 32 {
+	if l := New(32, 8, t0); l.Limit() != 32 || l.max != 32 {
 		t.Errorf("bound below start: limit %d max %d", l.Limit(), l.max)
 	}
-	if l := newLimiter(0, 0, t0); l.Limit() != 1 {
+	if l := New(0, 0, t0); l.Limit() != 1 {
 		t.Errorf("start 0: limit %d, want 1", l.Limit())
 	}
 }
 
 func TestLimiterBacksOffOnSlowDown(t *testing.T) {
 	t0 := time.Unix(0, 0)
-	l := newLimiter(16, 128, t0)
+	l := New(16, 128, t0)
 	simulate(l, t0, 3*time.Second, 20*time.Millisecond, 0, nil)
 	if l.Limit() != 128 {
 		t.Fatalf("limit %d before the back-off", l.Limit())
 	}
 	now := t0.Add(3 * time.Second)
-	l.throttled(now)
+	l.Throttled(now)
 	if l.Limit() != 64 {
 		t.Fatalf("after SlowDown: limit %d, want 64", l.Limit())
 	}
 	// The other in-flight requests of the same burst fail too: one halving.
-	l.throttled(now.Add(10 * time.Millisecond))
+	l.Throttled(now.Add(10 * time.Millisecond))
 	if l.Limit() != 64 {
 		t.Errorf("second SlowDown within holdFor: limit %d, want 64", l.Limit())
 	}
-	l.throttled(now.Add(holdFor + time.Millisecond))
+	l.Throttled(now.Add(holdFor + time.Millisecond))
 	if l.Limit() != 32 {
 		t.Errorf("SlowDown after holdFor: limit %d, want 32", l.Limit())
 	}
 	for range 10 {
-		l.throttled(now.Add(time.Hour))
+		l.Throttled(now.Add(time.Hour))
 		now = now.Add(time.Hour)
 	}
 	if l.Limit() != 1 {
@@ -120,10 +120,10 @@ func TestLimiterBacksOffOnSlowDown(t *testing.T) {
 	// A server that throttles above 40 in flight (S3's per-prefix request
 	// rate): the limit oscillates below and around it, never running away.
 	t1 := now.Add(time.Hour)
-	l = newLimiter(16, 256, t1)
+	l = New(16, 256, t1)
 	peak, _ := simulate(l, t1, 20*time.Second, 20*time.Millisecond, 0, func(now time.Time) {
 		if l.Limit() > 40 {
-			l.throttled(now)
+			l.Throttled(now)
 		}
 	})
 	if peak > 40+40/4+1 || l.Limit() > 51 || l.Limit() < 10 {
@@ -132,17 +132,17 @@ func TestLimiterBacksOffOnSlowDown(t *testing.T) {
 }
 
 func TestLimiterSlots(t *testing.T) {
-	l := newLimiter(4, 4, time.Now())
+	l := New(4, 4, time.Now())
 	var in, peak atomic.Int32
 	var wg sync.WaitGroup
 	for range 50 {
-		if err := l.acquire(context.Background()); err != nil {
+		if err := l.Acquire(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer l.release()
+			defer l.Release()
 			n := in.Add(1)
 			for {
 				p := peak.Load()
@@ -160,11 +160,11 @@ func TestLimiterSlots(t *testing.T) {
 	}
 	// A cancelled wait returns.
 	for range 4 {
-		l.acquire(context.Background())
+		l.Acquire(context.Background())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := l.acquire(ctx); !errors.Is(err, context.Canceled) {
+	if err := l.Acquire(ctx); !errors.Is(err, context.Canceled) {
 		t.Errorf("acquire on a full limiter with a cancelled context: %v", err)
 	}
 }
@@ -193,8 +193,8 @@ func TestIsThrottle(t *testing.T) {
 		{wrap(errors.New("connection reset")), false},
 		{nil, false},
 	} {
-		if got := isThrottle(tc.err); got != tc.want {
-			t.Errorf("isThrottle(%v) = %v, want %v", tc.err, got, tc.want)
+		if got := IsThrottle(tc.err); got != tc.want {
+			t.Errorf("IsThrottle(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }
