@@ -5,6 +5,8 @@
 #    with -modfile pointing at a copy, so the extra go.sum lines these commands need never touch test/k8s/
 #  - containerd, runc, CNI host-local: Debian packages fetched with `apt-get download` and unpacked with
 #    `dpkg -x` into $RIG/root (nothing installed system-wide)
+#  - nsfwd (test/cluster/nsfwd), which veth-self starts per Pod: Pod IPs reachable from the host, the host's
+#    loopback servers from inside the Pod
 #  - the sandbox ("pause") image, built from test/e2e/app by test/cluster/mkimage
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -51,6 +53,8 @@ mkdir -p "$RIG/cni/bin" "$RIG/cni/net.d"
 # containerd always sets up "lo" with the loopback plugin; host-local hands out pod IPs
 for p in host-local loopback; do cp "$RIG/root/usr/lib/cni/$p" "$RIG/cni/bin/$p"; done
 subst "$SRC/cni/veth-self" >"$RIG/cni/bin/veth-self"; chmod 755 "$RIG/cni/bin/veth-self"
+# veth-self's relay between a Pod's network namespace and the host's loopback
+(cd "$ROOT" && go build -trimpath -ldflags "-s -w" -o "$RIG/cni/bin/nsfwd" ./test/cluster/nsfwd)
 subst "$SRC/cni/net.d/10-podnet.conflist" >"$RIG/cni/net.d/10-podnet.conflist"
 
 # The sandbox image: containerd asks for registry.k8s.io/pause:3.10 and must never pull it.

@@ -36,6 +36,14 @@ for p in /proc/[0-9]*; do
   case "$exe" in "$RIG"/root/usr/bin/containerd-shim*) kill -KILL "${p#/proc/}" 2>/dev/null && echo "killed leftover shim ${p#/proc/}" ;; esac
 done
 stop_pid node-ns
+# veth-self stops each Pod's nsfwd on CNI DEL; a Pod never torn down (containerd killed) leaves one
+for f in "$RUN"/nsfwd/*.pid; do
+  [ -f "$f" ] || continue
+  pid=$(cat "$f")
+  [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$RIG/cni/bin/nsfwd")" ] && kill "$pid" 2>/dev/null && echo "stopped leftover nsfwd $pid"
+  rm -f "$f"
+done
+rm -f "$RUN/fwd-ports"
 # cgroups the kubelet and runc created (cgroupfs driver): empty dirs, deepest first
 for h in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice /sys/fs/cgroup/unified/kubepods; do
   [ -d "$h" ] && find "$h" -depth -type d -exec rmdir {} \; 2>/dev/null

@@ -13,10 +13,11 @@ import (
 
 // TestDeploymentSecondWriterShares: a second Pod on the same prefix is no longer refused (issue 12:
 // any number of syncers share a prefix through the change log; the single-writer lease is opt-in with
-// SYNC_EXCLUSIVE=true). On this node every pod shares the host's network (see the sandbox component),
-// so a second replica of the same Deployment could never be scheduled next to the first (same host
-// ports). The second writer is therefore a copy of the rendered Deployment under another name, with
-// only its listen ports moved — same STORE_URL, same agents, same settings. Both become Ready, neither
+// SYNC_EXCLUSIVE=true). Here every pod shares the host's network (the sandbox component, as the
+// lifecycle scenarios), so a second replica of the same Deployment could never be scheduled next to the
+// first (same host ports). The second writer is therefore a copy of the rendered Deployment under another
+// name, with only its listen ports moved — same STORE_URL, same agents, same settings. (Real replicas,
+// each Pod in its own network namespace: TestDeploymentFleet.) Both become Ready, neither
 // gets a LeaseConflict, and both syncers append to the prefix's change log.
 func TestDeploymentSecondWriterShares(t *testing.T) {
 	needAgents(t)

@@ -47,6 +47,9 @@ if [ "$MODE" = rig ]; then
   phase "cluster up + images imported" "$t"
   export KUBECONFIG=$RIG/admin.kubeconfig
   export E2E_APISERVER_PORT=$APISERVER_PORT
+  # Pods with their own network namespace reach the test's loopback servers through nsfwd (veth-self),
+  # for the ports the tests write here
+  export E2E_FWD_PORTS=$RUN/fwd-ports
 fi
 
 t=$(now)

@@ -261,6 +261,16 @@ func (n *ns) waitLines(recv *peers.LogReceiver, batch string, want int, pod stri
 // after a clean drain every file is in it, whether or not a checkpoint was written.
 func latestState(t *testing.T, s *peers.S3Server, prefix string) *snapshot.Manifest {
 	t.Helper()
+	m, err := foldState(t, s, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// foldState is latestState returning the error (none yet is one: "no checkpoint and no change log").
+func foldState(t *testing.T, s *peers.S3Server, prefix string) (*snapshot.Manifest, error) {
+	t.Helper()
 	c := s.StoreConfig(t, "x")
 	c.Bucket, c.Prefix = overlayBucket, strings.TrimSuffix(prefix, "/")
 	c.URL = "s3://" + c.Bucket + "/" + c.Prefix
@@ -270,7 +280,7 @@ func latestState(t *testing.T, s *peers.S3Server, prefix string) *snapshot.Manif
 	}
 	m, err := changelog.Fold(context.Background(), st, time.Time{})
 	if err != nil {
-		t.Fatalf("fold of %s: %v", prefix, err)
+		return nil, fmt.Errorf("fold of %s: %w", prefix, err)
 	}
-	return m
+	return m, nil
 }

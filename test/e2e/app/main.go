@@ -10,6 +10,13 @@
 //	upload-app sums [-dir D]       sha256 of every file under D, sorted: "SUM  PATH"
 //	upload-app pause               block until SIGTERM/SIGINT (the pod sandbox image)
 //
+// With APP_HTTP_ADDR, `run` also serves HTTP (what a client of an upload service does):
+//
+//	PUT  /files/PATH               store the body as PATH in the data dir, answer "SUM  PATH" once closed
+//	GET  /files/PATH               the file's bytes (404 if missing)
+//	POST /write?files=N&batch=B    what `write -files N -batch B` does (large-kib= too), its output
+//	any other request              "ok" (the workloads' probes)
+//
 // Every signal received is printed with a timestamp and, when APP_WITNESS names a file, appended
 // to it, so a test can observe the termination order of the containers of a Pod.
 package main
@@ -98,10 +105,10 @@ func waitSignal(who string) {
 
 func run() error {
 	dir := env("APP_DATA_DIR", "/data")
-	// Only so the example workload's own probes (tcpSocket on its http port) have something to hit.
+	// The example workload's own probes (tcpSocket on its http port) and the uploads of the tests.
 	if addr := os.Getenv("APP_HTTP_ADDR"); addr != "" {
 		go func() {
-			err := http.ListenAndServe(addr, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") }))
+			err := http.ListenAndServe(addr, handler(dir))
 			fmt.Fprintln(os.Stderr, "upload-app: http:", err)
 			os.Exit(1)
 		}()
@@ -119,7 +126,7 @@ func run() error {
 		}
 	}
 	if n, m := envInt("APP_FILES", 0), envInt("APP_LINES", 0); n > 0 || m > 0 {
-		if err := write(dir, env("APP_LOG_FILE", "/logs/app.log"), n, envInt("APP_LARGE_KIB", 0), m, env("APP_BATCH", "start")); err != nil {
+		if err := write(os.Stdout, dir, env("APP_LOG_FILE", "/logs/app.log"), n, envInt("APP_LARGE_KIB", 0), m, env("APP_BATCH", "start")); err != nil {
 			return err
 		}
 	}
@@ -149,13 +156,13 @@ func writeCmd(args []string) error {
 	lines := fl.Int("lines", 0, "number of log lines")
 	batch := fl.String("batch", "b1", "name of this batch: prefixes file names and log lines")
 	fl.Parse(args)
-	return write(*dir, *logf, *files, *large, *lines, *batch)
+	return write(os.Stdout, *dir, *logf, *files, *large, *lines, *batch)
 }
 
 // write creates the files with random content (so a byte-identical restore is meaningful) and
 // prints their sums, then appends the log lines. Files are written in place and closed, which is
 // how ordinary upload apps behave.
-func write(dir, logFile string, files, largeKiB, lines int, batch string) error {
+func write(out io.Writer, dir, logFile string, files, largeKiB, lines int, batch string) error {
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
 	put := func(rel string, size int) error {
 		p := filepath.Join(dir, rel)
@@ -180,7 +187,7 @@ func write(dir, logFile string, files, largeKiB, lines int, batch string) error 
 		if err := f.Close(); err != nil {
 			return err
 		}
-		fmt.Printf("wrote %s  %s\n", hex.EncodeToString(h.Sum(nil)), rel)
+		fmt.Fprintf(out, "wrote %s  %s\n", hex.EncodeToString(h.Sum(nil)), rel)
 		return nil
 	}
 	for i := range files {
@@ -212,9 +219,84 @@ func write(dir, logFile string, files, largeKiB, lines int, batch string) error 
 		if err := f.Close(); err != nil {
 			return err
 		}
-		fmt.Printf("logged %d lines to %s\n", lines, logFile)
+		fmt.Fprintf(out, "logged %d lines to %s\n", lines, logFile)
 	}
 	return nil
+}
+
+// handler serves the data directory: uploads (PUT), downloads (GET), batches (POST /write). Paths
+// stay inside dir (os.Root); a file is answered only once written and closed.
+func handler(dir string) http.Handler {
+	mux := http.NewServeMux()
+	// any other path: "ok", for the workloads' own probes (files-api's readiness GET /ready...)
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("PUT /files/{path...}", func(w http.ResponseWriter, r *http.Request) {
+		rel := r.PathValue("path")
+		sum, err := putFile(dir, rel, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Printf("%s stored %s  %s\n", stamp(), sum, rel)
+		fmt.Fprintf(w, "%s  %s\n", sum, rel)
+	})
+	mux.HandleFunc("GET /files/{path...}", func(w http.ResponseWriter, r *http.Request) {
+		root, err := os.OpenRoot(dir)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		defer root.Close()
+		f, err := root.Open(r.PathValue("path"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		defer f.Close()
+		if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+			http.Error(w, "not a file", http.StatusNotFound)
+			return
+		}
+		io.Copy(w, f)
+	})
+	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.FormValue("files"))
+		large, _ := strconv.Atoi(r.FormValue("large-kib"))
+		batch := r.FormValue("batch")
+		if batch == "" {
+			batch = "http"
+		}
+		if err := write(w, dir, env("APP_LOG_FILE", "/logs/app.log"), n, large, 0, batch); err != nil {
+			fmt.Fprintf(w, "error: %v\n", err)
+		}
+	})
+	return mux
+}
+
+func putFile(dir, rel string, body io.Reader) (string, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return "", err
+	}
+	defer root.Close()
+	if d := filepath.Dir(rel); d != "." {
+		if err := root.MkdirAll(d, 0o755); err != nil {
+			return "", err
+		}
+	}
+	f, err := root.Create(rel)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(f, h), body); err != nil {
+		f.Close()
+		return "", err
+	}
+	if err := f.Close(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func printSums(w io.Writer, dir string) error {
