@@ -116,10 +116,21 @@ func ParseMode(s string) (Mode, error) {
 	return Mode(v), nil
 }
 
-var (
-	idRe  = regexp.MustCompile(`^(\d{8}T\d{6}\.\d{9}Z)(-[A-Za-z0-9_.-]{1,64})?$`)
-	shaRe = regexp.MustCompile(`^[0-9a-f]{64}$`)
-)
+var idRe = regexp.MustCompile(`^(\d{8}T\d{6}\.\d{9}Z)(-[A-Za-z0-9_.-]{1,64})?$`)
+
+// isSHA256 reports whether s is 64 lowercase hex digits (a loop: the regexp
+// it replaces was a tenth of the time a checkpoint's million entries took).
+func isSHA256(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := range len(s) {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 // NewID returns the id of a snapshot created at t, with an optional suffix
 // (letters, digits, '_', '.', '-') that keeps two writers apart.
@@ -213,7 +224,7 @@ func (f *File) validate() error {
 	switch {
 	case f.Size < 0 || f.Size > MaxFileSize:
 		return fmt.Errorf("size %d outside 0..%d", f.Size, int64(MaxFileSize))
-	case !shaRe.MatchString(f.SHA256):
+	case !isSHA256(f.SHA256):
 		return errors.New("sha256 must be 64 lowercase hex digits")
 	case f.MTime.IsZero():
 		return errors.New("no mtime")
@@ -719,7 +730,7 @@ func FileFromMetadata(path string, size int64, meta map[string]string) (File, er
 	if f.Mode, err = ParseMode(meta[MetaMode]); err != nil {
 		return File{}, fmt.Errorf("object %s: %w", path, err)
 	}
-	if !shaRe.MatchString(f.SHA256) {
+	if !isSHA256(f.SHA256) {
 		return File{}, fmt.Errorf("object %s: metadata sha256 %q is not 64 lowercase hex digits", path, f.SHA256)
 	}
 	return f, nil

@@ -318,8 +318,8 @@ func NewMeter() *Meter {
 	return &Meter{b: b}
 }
 
-// Add validates f and charges it.
-func (m *Meter) Add(f File) error { return m.b.Add(f) }
+// Add charges f, which passed validation (Scan, a batch's Validate).
+func (m *Meter) Add(f File) error { return m.b.add(f) }
 
 // Len is the number of files charged.
 func (m *Meter) Len() int { return m.b.x.nrec }
