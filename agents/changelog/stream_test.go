@@ -115,7 +115,7 @@ func TestStreamedCheckpointMatchesInMemory(t *testing.T) {
 	at := func() time.Time {
 		return base.Add(time.Duration(r.IntN(6)) * time.Second).In(zones[r.IntN(len(zones))])
 	}
-	for i := range 150 {
+	for i := range 80 {
 		var c streamCase
 		if i%10 != 0 {
 			var files []snapshot.File
