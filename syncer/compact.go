@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"strings"
 	"time"
@@ -187,42 +188,35 @@ func (c *compactor) retain(ctx context.Context, now time.Time) error {
 }
 
 // deleteData deletes the data objects of deleted files (SYNC_DELETE). It
-// holds one manifest at a time: first the fold picks the candidates (not
-// live, older than the margin), then each kept snapshot and batch clears
-// those it still lists.
+// streams: first the fold, merge-joined with the listing of data/ (both in
+// path order), picks the candidates (not live, older than the margin), then
+// each kept snapshot and batch, read one entry at a time, clears those it
+// still lists. Memory is the candidates, not the files.
 func (c *compactor) deleteData(ctx context.Context, kept []snapshot.Info, now time.Time) error {
-	f, err := changelog.FoldState(ctx, c.st, time.Time{})
+	candidates, err := c.dataCandidates(ctx, now)
+	if errors.Is(err, changelog.ErrUnstreamable) {
+		candidates, err = c.dataCandidatesInMemory(ctx, now)
+	}
 	if err != nil {
 		return err
 	}
-	var candidates []string
-	for o, err := range c.st.List(ctx, snapshot.DataDir) {
-		if err != nil {
-			return err
-		}
-		rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
-		// Not live: deleted, or its tombstone already folded away by a
-		// checkpoint, or an upload never logged (its writer was killed
-		// before the batch; a live writer logs it within the margin).
-		if e, ok := f.State.Get(rel); (ok && !e.Deleted) || o.ModTime.After(now.Add(-c.margin)) {
-			continue
-		}
-		candidates = append(candidates, rel)
-	}
-	f = nil
 	if len(candidates) == 0 {
 		return nil
 	}
+	isCandidate := make(map[string]bool, len(candidates))
+	for _, rel := range candidates {
+		isCandidate[rel] = true
+	}
 	referenced := map[string]bool{}
 	for _, info := range kept {
-		m, err := snapshot.LoadCompact(ctx, c.st, info)
+		err := snapshot.ScanStored(ctx, c.st, info, func(f snapshot.File) error {
+			if isCandidate[f.Path] {
+				referenced[f.Path] = true
+			}
+			return nil
+		})
 		if err != nil {
 			return fmt.Errorf("retention: cannot read snapshot %s, deleting nothing: %w", info.ID, err)
-		}
-		for _, rel := range candidates {
-			if _, ok := m.Files.Find(rel); ok {
-				referenced[rel] = true
-			}
 		}
 	}
 	infos, err := changelog.List(ctx, c.st, kept[0].Created)
@@ -235,7 +229,7 @@ func (c *compactor) deleteData(ctx context.Context, kept []snapshot.Info, now ti
 			return fmt.Errorf("retention: cannot read batch, deleting nothing: %w", err)
 		}
 		for _, ch := range b.Changes {
-			if !ch.Deleted {
+			if !ch.Deleted && isCandidate[ch.Path] {
 				referenced[ch.Path] = true
 			}
 		}
@@ -252,4 +246,66 @@ func (c *compactor) deleteData(ctx context.Context, kept []snapshot.Info, now ti
 		c.log.Info("deleted data object of a deleted file", "key", key)
 	}
 	return nil
+}
+
+// dataCandidates lists the data objects that are not live in the fold
+// (deleted, or their tombstone already folded away by a checkpoint, or an
+// upload never logged: its writer was killed before the batch; a live writer
+// logs it within the margin) and older than the margin, in one pass over the
+// listing of data/ and the streamed fold, both in path order.
+// changelog.ErrUnstreamable: see dataCandidatesInMemory.
+func (c *compactor) dataCandidates(ctx context.Context, now time.Time) ([]string, error) {
+	var out []string
+	next, stop := iter.Pull2(c.st.List(ctx, snapshot.DataDir))
+	defer stop()
+	o, lerr, more := next()
+	consider := func(deadInFold bool) {
+		if deadInFold && !o.ModTime.After(now.Add(-c.margin)) {
+			out = append(out, strings.TrimPrefix(o.Key, snapshot.DataDir))
+		}
+	}
+	err := changelog.ScanFold(ctx, c.st, time.Time{}, func(p string, e changelog.Entry) error {
+		for ; more; o, lerr, more = next() {
+			if lerr != nil {
+				return lerr
+			}
+			rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
+			if rel > p {
+				return nil
+			}
+			consider(rel < p || e.Deleted)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for ; more; o, lerr, more = next() {
+		if lerr != nil {
+			return nil, lerr
+		}
+		consider(true)
+	}
+	return out, nil
+}
+
+// dataCandidatesInMemory is dataCandidates with the fold held in memory, for
+// a checkpoint the streamed fold cannot read.
+func (c *compactor) dataCandidatesInMemory(ctx context.Context, now time.Time) ([]string, error) {
+	f, err := changelog.FoldState(ctx, c.st, time.Time{})
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for o, err := range c.st.List(ctx, snapshot.DataDir) {
+		if err != nil {
+			return nil, err
+		}
+		rel := strings.TrimPrefix(o.Key, snapshot.DataDir)
+		if e, ok := f.State.Get(rel); (ok && !e.Deleted) || o.ModTime.After(now.Add(-c.margin)) {
+			continue
+		}
+		out = append(out, rel)
+	}
+	return out, nil
 }

@@ -86,3 +86,53 @@ func (s *fileSet) paths(under string) iter.Seq[string] {
 		}
 	}
 }
+
+// walkSet is the paths a full walk saw: a bit per file of the ledger's
+// baseline (the walk of a restored tree of a million files holds 128 KiB,
+// not a million paths) and a map of the others (new files, queued anyway).
+type walkSet struct {
+	base  *snapshot.Index
+	bits  []uint64
+	other map[string]bool
+}
+
+// walkSet starts an empty set over the baseline.
+func (s *fileSet) walkSet() *walkSet {
+	return &walkSet{base: s.base, bits: make([]uint64, (s.base.Len()+63)/64), other: map[string]bool{}}
+}
+
+func (w *walkSet) add(p string) {
+	if i, ok := w.base.Find(p); ok {
+		w.bits[i/64] |= 1 << (i % 64)
+		return
+	}
+	w.other[p] = true
+}
+
+func (w *walkSet) has(p string) bool {
+	if w.other[p] {
+		return true
+	}
+	i, ok := w.base.Find(p)
+	return ok && w.bits[i/64]&(1<<(i%64)) != 0
+}
+
+// unseen yields the paths a walk did not see (w is a walkSet of this set's
+// baseline), the baseline's by their bit.
+func (s *fileSet) unseen(w *walkSet) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for p := range s.over {
+			if !w.has(p) && !yield(p) {
+				return
+			}
+		}
+		for i := range s.base.Len() {
+			if s.gone[i/64]&(1<<(i%64)) != 0 || w.bits[i/64]&(1<<(i%64)) != 0 {
+				continue
+			}
+			if !yield(s.base.Path(i)) {
+				return
+			}
+		}
+	}
+}

@@ -40,4 +40,15 @@ func TestFileSetOverBaseline(t *testing.T) {
 	if got := slices.Sorted(s.paths("")); !slices.Equal(got, []string{"a-b", "a/y", "a/z", "b", "c/d"}) {
 		t.Fatalf("paths: %q", got)
 	}
+	// A walk that saw a/y, a/z and a new file: the rest is unseen.
+	w := s.walkSet()
+	for _, p := range []string{"a/y", "a/z", "new"} {
+		w.add(p)
+	}
+	if !w.has("new") || !w.has("a/y") || w.has("b") || w.has("a-b") {
+		t.Fatal("walkSet.has")
+	}
+	if got := slices.Sorted(s.unseen(w)); !slices.Equal(got, []string{"a-b", "b", "c/d"}) {
+		t.Fatalf("unseen: %q", got)
+	}
 }

@@ -241,29 +241,25 @@ func (l *ledger) forget(k string) {
 // keepOnly forgets the files a full walk did not see.
 // It goes through the baseline without listing it first: a walk of an
 // empty directory must not copy a million paths.
-func (l *ledger) keepOnly(seen map[string]bool) {
-	for k := range l.files.paths("") {
-		if !seen[k] {
-			l.forget(k)
-		}
+func (l *ledger) keepOnly(seen *walkSet) {
+	for k := range l.files.unseen(seen) {
+		l.forget(k)
 	}
 	for k, c := range l.staged {
-		if !seen[k] && !c.Deleted {
+		if !seen.has(k) && !c.Deleted {
 			l.forget(k)
 		}
 	}
 }
 
 // missing lists the files of this writer a walk did not see.
-func (l *ledger) missing(seen map[string]bool) []string {
+func (l *ledger) missing(seen *walkSet) []string {
 	var gone []string
-	for k := range l.files.paths("") {
-		if !seen[k] {
-			gone = append(gone, k)
-		}
+	for k := range l.files.unseen(seen) {
+		gone = append(gone, k)
 	}
 	for k, c := range l.staged {
-		if !seen[k] && !c.Deleted {
+		if !seen.has(k) && !c.Deleted {
 			gone = append(gone, k)
 		}
 	}

@@ -59,10 +59,10 @@ func (*pollNotifier) Close() error                    { return nil }
 // file: a later walk that finds it changed again restarts its settle time);
 // a file the walk no longer finds is gone.
 func (s *Syncer) poll(now time.Time) {
-	seen := map[string]bool{}
+	seen := s.led.files.walkSet()
 	s.w.watches = 0 // no watches: the metric counts the directories walked
 	err := s.w.scan(s.cfg.Dir, func(rel string, st fileStat) {
-		seen[rel] = true
+		seen.add(rel)
 		s.q.observe(rel, st, now)
 	})
 	if err != nil {

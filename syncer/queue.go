@@ -222,9 +222,9 @@ func (q *queue) forget(k string) {
 
 // keepOnly drops the pending files a full walk did not see (vanished without
 // an event), except those in flight: their result tells.
-func (q *queue) keepOnly(seen map[string]bool) {
+func (q *queue) keepOnly(seen *walkSet) {
 	for k, p := range q.pending {
-		if !seen[k] && !p.inflight {
+		if !seen.has(k) && !p.inflight {
 			delete(q.pending, k)
 		}
 	}

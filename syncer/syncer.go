@@ -424,9 +424,9 @@ func (s *Syncer) rescan(now time.Time, counted bool) error {
 	if counted {
 		s.m.rescans.Inc()
 	}
-	seen := map[string]bool{}
+	seen := s.led.files.walkSet()
 	err := s.w.scan(s.cfg.Dir, func(rel string, st fileStat) {
-		seen[rel] = true
+		seen.add(rel)
 		s.q.consider(rel, st, now, false)
 	})
 	if err != nil {

@@ -165,11 +165,29 @@ func CheckpointDue(ctx context.Context, st store.Store, now time.Time, margin ti
 // (nothing to fold). Only one writer at a time should call it (the compaction
 // lease), but two racing produce the same content under different ids, never
 // a wrong one.
+//
+// The fold is streamed (checkpointStreamed): the previous checkpoint is read
+// from the store in path order and merged entry by entry with the batches
+// after it into the upload, so memory is O(batches), not O(files). A
+// checkpoint it cannot stream (ErrUnstreamable: files out of path order, as
+// the format allows, or the header after them) is folded in memory, as a
+// State; both write the same bytes.
 func Checkpoint(ctx context.Context, st store.Store, now time.Time, margin time.Duration, w snapshot.Writer) (string, error) {
 	if margin <= 0 {
 		margin = Margin
 	}
 	horizon := now.Add(-margin).UTC()
+	id, err := checkpointStreamed(ctx, st, horizon, w)
+	if !errors.Is(err, ErrUnstreamable) {
+		return id, err
+	}
+	return checkpointInMemory(ctx, st, horizon, w)
+}
+
+// checkpointInMemory is Checkpoint with the fold held as a State: for a
+// checkpoint the streamed fold cannot read (ErrUnstreamable), and the
+// reference the streamed one must agree with byte for byte.
+func checkpointInMemory(ctx context.Context, st store.Store, horizon time.Time, w snapshot.Writer) (string, error) {
 	f, err := FoldState(ctx, st, horizon)
 	if err != nil {
 		return "", err

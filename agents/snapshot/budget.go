@@ -19,9 +19,10 @@ const EntryCost = RecordBytes + 8
 const DecodeCost = 300
 
 // BudgetShare is the part of the memory limit (in percent) one index may
-// use: the syncer holds two at once (its ledger's baseline and, while it
-// compacts, the fold it writes as a checkpoint); the rest is the Go runtime,
-// the GC's headroom and the agent's work.
+// use: the syncer can hold two at once (its ledger's baseline and, while it
+// compacts a checkpoint whose files are not in path order, the fold in
+// memory; a sorted one, what this version writes, is streamed); the rest is
+// the Go runtime, the GC's headroom and the agent's work.
 const BudgetShare = 45
 
 // DefaultBudgetBytes bounds an index when no memory limit is known.

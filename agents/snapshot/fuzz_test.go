@@ -6,7 +6,8 @@ import (
 )
 
 // FuzzDecode: whatever the bytes, Decode either refuses them or returns a
-// manifest that passes every rule and survives an encode/decode round trip.
+// manifest that passes every rule and survives an encode/decode round trip,
+// and then Scan accepts them too, with the same files.
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(valid()))
 	for _, s := range []string{
@@ -20,6 +21,10 @@ func FuzzDecode(f *testing.F) {
 		m, err := Decode(bytes.NewReader(in))
 		if err != nil {
 			return
+		}
+		n := 0
+		if _, err := Scan(bytes.NewReader(in), nil, func(File) error { n++; return nil }); err != nil || n != len(m.Files) {
+			t.Fatalf("Decode accepted %d files, Scan %d: %v", len(m.Files), n, err)
 		}
 		for _, file := range m.Files {
 			if ValidPath(file.Path) != nil || file.Size < 0 || file.Mode > 0o777 {

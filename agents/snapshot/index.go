@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"iter"
 	"reflect"
 	"slices"
@@ -220,9 +221,13 @@ type Builder struct {
 	budget   int64
 	max      int // entries
 	sorted   bool
-	err      error // the first entry that broke a rule (decodeFiles)
 	last     []byte
 	tmp      []byte
+	// dry: only charge the entries (Meter); directories are then known by
+	// a hash of their name.
+	dry     bool
+	dirHash map[uint64]struct{}
+	seed    maphash.Seed
 }
 
 // NewBuilder starts an empty index whose entries may cost up to BudgetBytes
@@ -251,17 +256,27 @@ func (b *Builder) add(f File) error {
 	if x.nrec >= b.max {
 		return fmt.Errorf("more than %d files: %w (%s)", b.max, ErrBudget, budgetSource())
 	}
-	if b.sorted && len(b.last) > 0 && strings.Compare(bstr(b.last), f.Path) > 0 {
-		b.sorted = false
+	if !b.dry {
+		if b.sorted && len(b.last) > 0 && strings.Compare(bstr(b.last), f.Path) > 0 {
+			b.sorted = false
+		}
+		b.last = append(b.last[:0], f.Path...)
 	}
-	b.last = append(b.last[:0], f.Path...)
 	dir, name := "", f.Path
 	if i := strings.LastIndexByte(f.Path, '/'); i >= 0 {
 		dir, name = f.Path[:i], f.Path[i+1:]
 	}
 	cost := int64(RecordBytes + 8) // the record and a slot of order (or of an agent's plan)
-	d, ok := b.dirIDs[dir]
-	if !ok {
+	var d uint32
+	if b.dry {
+		h := maphash.String(b.seed, dir)
+		if _, ok := b.dirHash[h]; !ok {
+			b.dirHash[h] = struct{}{}
+			cost += int64(len(dir)) + internCost
+		}
+	} else if id, ok := b.dirIDs[dir]; ok {
+		d = id
+	} else {
 		d = uint32(len(x.dirs))
 		b.dirIDs[dir] = d
 		x.dirs = append(x.dirs, dir)
@@ -296,6 +311,11 @@ func (b *Builder) add(f File) error {
 	cost += int64(len(it))
 	if x.cost+cost > b.budget {
 		return fmt.Errorf("%d files need more than %d bytes: %w (%s)", x.nrec+1, b.budget, ErrBudget, budgetSource())
+	}
+	if b.dry {
+		x.nrec++
+		x.cost += cost
+		return nil
 	}
 	off, err := x.put(it)
 	if err != nil {
@@ -398,26 +418,14 @@ func (x *Index) pathOfRec(i int) string {
 	return joinPath(x.dirs[r.dir], x.name(r))
 }
 
-// checkPaths walks the paths in order once. A path that is a parent
-// directory of a later one comes before it, and everything between them
-// starts with it (byte order): so a chain of paths, each a prefix of the
-// next, holds every possible parent of the current path.
+// checkPaths walks the paths in order once (pathChain).
 func (x *Index) checkPaths() error {
-	var chain []string
+	var chain pathChain
 	for i := range x.Len() {
 		p := x.Path(i)
-		for len(chain) > 0 && !strings.HasPrefix(p, chain[len(chain)-1]) {
-			chain = chain[:len(chain)-1]
+		if c, twice := chain.next(p); c != "" {
+			return clashError(x.recNum(i), p, c, twice)
 		}
-		for _, c := range chain {
-			switch {
-			case len(c) == len(p):
-				return fmt.Errorf("file %d %q: listed twice", x.recNum(i), p)
-			case p[len(c)] == '/':
-				return fmt.Errorf("file %q: %q is listed as a file and as its parent directory", p, c)
-			}
-		}
-		chain = append(chain, p)
 	}
 	return nil
 }
