@@ -253,6 +253,10 @@ func testPullLocalConflict(t *testing.T, srv *peers.S3Server) {
 		if err != nil || string(got) != "replica 1, newer\n" {
 			return fmt.Errorf("report.csv on the slow replica is %q (%v)", got, err)
 		}
+		// The event and the metric follow the rename.
+		if !ra.rec.has("PullConflict") {
+			return fmt.Errorf("no PullConflict event")
+		}
 		return nil
 	})
 	if err != nil {
@@ -264,9 +268,6 @@ func testPullLocalConflict(t *testing.T, srv *peers.S3Server) {
 	}
 	if got, _ := os.ReadFile(matches[0]); string(got) != "local, pending\n" {
 		t.Errorf("the conflict file holds %q, want the local version", got)
-	}
-	if !ra.rec.has("PullConflict") {
-		t.Error("no PullConflict event")
 	}
 	if n := gaugeValue(ra.s.health, "podkeeper_syncer_pull_conflicts_total"); n != 1 {
 		t.Errorf("pull_conflicts_total = %v, want 1", n)
