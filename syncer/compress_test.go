@@ -48,7 +48,7 @@ func testIdenticalAcrossEncodings(t *testing.T, srv *peers.S3Server) {
 	// A's object when it writes, so its PUT is conditional on absence.
 	a := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirA, "SYNC_SETTLE=100ms", "POD_NAME=writer-a", "POD_UID=a", "SYNC_COMPRESS=zstd"))
 	b := startSyncer(t, testConfig(t, srv, kc.URL, prefix, dirB, "SYNC_SETTLE=100ms", "POD_NAME=writer-b", "POD_UID=b"))
-	writeFile(t, filepath.Join(dirA, "same.log"), content)
+	writeRenamed(t, filepath.Join(dirA, "same.log"), content)
 	waitAcked(t, s3Store(t, srv, prefix), "same.log", string(content))
 	if err := a.shutdown(t); err != nil {
 		t.Fatal(err)
@@ -57,7 +57,7 @@ func testIdenticalAcrossEncodings(t *testing.T, srv *peers.S3Server) {
 	if err != nil || h.Metadata[snapshot.MetaEncoding] != codec.Zstd || h.Size*10 > int64(len(content)) {
 		t.Fatalf("A's object: %+v %v", h, err)
 	}
-	writeFile(t, filepath.Join(dirB, "same.log"), content)
+	writeRenamed(t, filepath.Join(dirB, "same.log"), content)
 	if err := peers.WaitFor(context.Background(), 30*time.Second, func() error {
 		if gaugeValue(b.s.health, "podkeeper_syncer_log_batches_total") < 1 {
 			return fmt.Errorf("B has not acknowledged same.log")
@@ -115,7 +115,9 @@ func testMultipartCompletionRace(t *testing.T, srv *peers.S3Server) {
 	r := startSyncer(t, testConfig(t, srv, srv.Endpoint, prefix, dir, "SYNC_SETTLE=100ms"), func(s *Syncer) {
 		s.up.st = &hideOnce{Store: s.up.st, key: snapshot.DataKey("big.bin")}
 	})
-	writeFile(t, filepath.Join(dir, "big.bin"), ours)
+	// Complete when it appears: the one upload is the multipart one whose
+	// completion meets their object.
+	writeRenamed(t, filepath.Join(dir, "big.bin"), ours)
 	waitObject(t, srv, prefix, "big.bin", ours, 60*time.Second)
 	waitAcked(t, st, "big.bin", string(ours))
 	kept := prefix + "/" + ConflictKey("big.bin", tf.SHA256)
@@ -134,5 +136,16 @@ func testMultipartCompletionRace(t *testing.T, srv *peers.S3Server) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(dir, StateDirName, "multipart")); len(ents) != 0 {
 		t.Errorf("journals left: %v", ents)
+	}
+}
+
+// writeRenamed writes p aside and renames it in, so the syncer never sees it
+// half-written (a loaded machine can stretch a plain write past the settle
+// time, and a half-written version would be a second upload).
+func writeRenamed(t *testing.T, p string, b []byte) {
+	t.Helper()
+	writeFile(t, p+".part", b)
+	if err := os.Rename(p+".part", p); err != nil {
+		t.Fatal(err)
 	}
 }

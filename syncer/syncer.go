@@ -507,6 +507,14 @@ func (s *Syncer) stat(rel string) (fileStat, error) {
 func (s *Syncer) onResult(r result, now time.Time) {
 	left := s.q.len() - 1
 	f := s.q.finished(r, now)
+	if c := r.conflict; c != nil {
+		// Reported whatever became of the upload: the other version's bytes
+		// were kept under conflicts/ even when the file changed meanwhile and
+		// goes up again.
+		s.m.conflicts.Inc()
+		s.log.Warn(c.String(), "path", c.path, "winner", c.winner, "loser", c.loser, "kept_at", c.loserKey)
+		s.rec.Event(context.Background(), events.Warning, "UploadConflict", c.String())
+	}
 	switch f.outcome {
 	case outForget:
 		s.gone(r.rel)
@@ -520,16 +528,11 @@ func (s *Syncer) onResult(r result, now time.Time) {
 	case outChanged:
 		s.m.uploads.WithLabelValues("changed").Inc()
 	case outUploaded:
-		if c := r.conflict; c != nil {
-			s.m.conflicts.Inc()
-			s.log.Warn(c.String(), "path", c.path, "winner", c.winner, "loser", c.loser, "kept_at", c.loserKey)
-			s.rec.Event(context.Background(), events.Warning, "UploadConflict", c.String())
-			if c.weLost {
-				// Another writer's newer version stays; ours is kept aside and
-				// not logged. Known as handled, so it is not sent again.
-				s.led.adopt(r.file)
-				return
-			}
+		if c := r.conflict; c != nil && c.weLost {
+			// Another writer's newer version stays; ours is kept aside and
+			// not logged. Known as handled, so it is not sent again.
+			s.led.adopt(r.file)
+			return
 		}
 		// Counted and logged as uploaded when its batch is stored (ack).
 		s.led.record(r.file)
