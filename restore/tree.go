@@ -202,8 +202,11 @@ func (t *tree) link(fd int, rel string) error {
 	}
 	defer release()
 	if err := safefs.LinkFd(fd, pfd, base); err != nil {
-		if errors.Is(err, unix.EEXIST) {
+		switch {
+		case errors.Is(err, unix.EEXIST):
 			return err
+		case errors.Is(err, unix.EXDEV):
+			return fmt.Errorf("link into %q: RESTORE_STATE_DIR must be on the same filesystem as RESTORE_DIR: %w", rel, err)
 		}
 		return &os.PathError{Op: "link into place", Path: rel, Err: err}
 	}
