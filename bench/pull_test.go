@@ -194,12 +194,30 @@ func TestBenchPull(t *testing.T) {
 		benchS3(), replicas, rate, secs, len(lat), pct(0.5).Round(time.Millisecond), pct(0.99).Round(time.Millisecond),
 		lat[len(lat)-1].Round(time.Millisecond), target, verdict)
 
-	// Idle: nothing written anywhere.
-	time.Sleep(12 * time.Second) // past the pullers' busy period (10 s) and the last batches of the run
+	// Idle: nothing written anywhere. The window starts once every replica
+	// has settled: no request but LISTs over a second, at most 2 of them (the
+	// pullers left their busy rate of 4 per second).
+	settled := func() error {
+		for i, c := range counters {
+			n := c.take()
+			if n["LIST"] > 2 || len(n) > 1 || (len(n) == 1 && n["LIST"] == 0) {
+				return fmt.Errorf("replica %d still busy: %v", i, n)
+			}
+		}
+		return nil
+	}
 	for _, c := range counters {
 		c.take()
 	}
-	time.Sleep(idle)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	deadline := time.Now().Add(time.Minute)
+	for <-tick.C; settled() != nil; <-tick.C {
+		if time.Now().After(deadline) {
+			t.Fatalf("replicas not idle a minute after the run: %v", settled())
+		}
+	}
+	<-time.After(idle) // the measurement window
 	for i, c := range counters {
 		n := c.take()
 		total := 0

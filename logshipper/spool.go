@@ -136,6 +136,9 @@ func (sp *spool) path(seq uint64) string {
 	return filepath.Join(sp.dir, fmt.Sprintf("%020d.batch", seq))
 }
 
+// readBatch opens by path: LOGSHIP_STATE_DIR is the logshipper's own volume
+// (podkeeper-state, mounted in no other container), not one the app can
+// write, unlike the log directories, which are read through agents/safefs.
 func readBatch(path string, withFrame bool) (*batch, error) {
 	f, err := os.Open(path)
 	if err != nil {

@@ -10,7 +10,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"path"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -367,10 +369,11 @@ func (p *puller) clearTemps() {
 // conflictName is where a local version that lost to a pulled one is kept,
 // next to it, in Syncthing's form: name.sync-conflict-DATE-TIME-WRITER.ext.
 func conflictName(base string, now time.Time, writer string) string {
-	ext := ""
-	if i := lastDot(base); i > 0 {
-		base, ext = base[:i], base[i:]
+	ext := path.Ext(base)
+	if ext == base {
+		ext = "" // a dot file: ".env" has no extension
 	}
+	base = strings.TrimSuffix(base, ext)
 	h := sha256.Sum256([]byte(writer))
 	return fmt.Sprintf("%s%s%s-%s%s", base, conflictMarker, now.UTC().Format("20060102-150405"), hex.EncodeToString(h[:4]), ext)
 }
@@ -378,15 +381,6 @@ func conflictName(base string, now time.Time, writer string) string {
 // conflictMarker is in every conflict file's name: they are never uploaded
 // (or pulled).
 const conflictMarker = ".sync-conflict-"
-
-func lastDot(s string) int {
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == '.' {
-			return i
-		}
-	}
-	return -1
-}
 
 // placePulled is the event loop's half of a pull: judge the path on disk
 // against what this writer knows of it, then place, replace or remove.

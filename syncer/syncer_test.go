@@ -238,7 +238,11 @@ func killMidMultipart(t *testing.T, srv *peers.S3Server, prefix, dir, pod string
 		if len(js) != 1 {
 			return fmt.Errorf("%d journals", len(js))
 		}
-		j, err := store.LoadJournal(js[0])
+		b, err := os.ReadFile(js[0])
+		if err != nil {
+			return err
+		}
+		j, err := store.ParseJournal(b)
 		if err != nil {
 			return err
 		}
@@ -657,7 +661,7 @@ func testMassDeleteGuard(t *testing.T, srv *peers.S3Server) {
 	}
 	if m, _ := latestSnapshot(t, st); m != nil {
 		for _, f := range m.Files {
-			if _, _, err := snapshot.HashFile(filepath.Join(dir, f.Path)); err != nil {
+			if _, err := os.Stat(filepath.Join(dir, f.Path)); err != nil {
 				t.Errorf("snapshot lists %s which is gone", f.Path)
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -134,6 +135,7 @@ func TestLimiterBacksOffOnSlowDown(t *testing.T) {
 func TestLimiterSlots(t *testing.T) {
 	l := New(4, 4, time.Now())
 	var in, peak atomic.Int32
+	var issued atomic.Bool
 	var wg sync.WaitGroup
 	for range 50 {
 		if err := l.Acquire(context.Background()); err != nil {
@@ -150,13 +152,18 @@ func TestLimiterSlots(t *testing.T) {
 					break
 				}
 			}
-			time.Sleep(time.Millisecond)
+			// Hold the slot until the limit is reached (or nothing more
+			// comes): a Release then is what lets the next Acquire through.
+			for in.Load() < 4 && !issued.Load() {
+				runtime.Gosched()
+			}
 			in.Add(-1)
 		}()
 	}
+	issued.Store(true)
 	wg.Wait()
-	if p := peak.Load(); p > 4 || p < 2 {
-		t.Errorf("peak in flight %d, want <= 4", p)
+	if p := peak.Load(); p != 4 {
+		t.Errorf("peak in flight %d, want the limit, 4", p)
 	}
 	// A cancelled wait returns.
 	for range 4 {

@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"path"
@@ -275,9 +274,4 @@ func (r *Root) parentOf(rel string) (fd int, base string, done func(), err error
 		return -1, "", nil, err
 	}
 	return int(d.Fd()), base, func() { d.Close() }, nil
-}
-
-// String is for messages.
-func (e Expect) String() string {
-	return fmt.Sprintf("dev %d ino %d size %d mtime %s", e.Dev, e.Ino, e.Size, e.MTime.Format(time.RFC3339Nano))
 }

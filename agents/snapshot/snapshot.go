@@ -22,7 +22,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -704,16 +703,6 @@ func WriteCompact(ctx context.Context, st store.Store, c *Compact) (string, erro
 func ValidateID(id string) error {
 	_, err := ParseID(id)
 	return err
-}
-
-// HashFile returns the sha256 (lowercase hex) and size of the file at path.
-func HashFile(path string) (string, int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	return HashReader(f)
 }
 
 // HashReader returns the sha256 (lowercase hex) and length of r's content.

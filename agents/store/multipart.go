@@ -55,19 +55,6 @@ type MultipartJournal struct {
 	mu sync.Mutex
 }
 
-// LoadJournal reads a journal saved by Save. A missing file is ErrNotExist.
-func LoadJournal(path string) (*MultipartJournal, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	j, err := ParseJournal(b)
-	if err != nil {
-		return nil, fmt.Errorf("multipart journal %s: %w", path, err)
-	}
-	return j, nil
-}
-
 // ParseJournal decodes what Bytes encoded.
 func ParseJournal(b []byte) (*MultipartJournal, error) {
 	var j MultipartJournal

@@ -64,20 +64,23 @@ func startSyncerBin(t *testing.T, bin string, env ...string) *syncProc {
 	return p
 }
 
-// waitLog waits for substr in the log, polling every millisecond.
+// waitLog waits for substr in the log (or fails when the syncer exits first).
 func (p *syncProc) waitLog(t *testing.T, substr string, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !strings.Contains(p.log.String(), substr) {
+	err := peers.WaitFor(context.Background(), timeout, func() error {
+		if strings.Contains(p.log.String(), substr) {
+			return nil
+		}
 		select {
 		case err := <-p.exited:
+			p.exited <- err // for term and the others waiting on it
 			t.Fatalf("syncer exited (%v) before logging %q:\n%s", err, substr, p.log.String())
 		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q within %s:\n%s", substr, timeout, p.log.String())
-		}
-		time.Sleep(10 * time.Millisecond) // String copies the whole log: not every millisecond
+		return fmt.Errorf("no %q yet", substr)
+	})
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, p.log.String())
 	}
 }
 

@@ -1,11 +1,13 @@
 package k8s
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -25,6 +27,7 @@ import (
 	jsonpatch "gopkg.in/evanphx/json-patch.v4"
 
 	"github.com/podkeeper/podkeeper/injector"
+	"github.com/podkeeper/podkeeper/test/peers"
 )
 
 // manifests/injector.yaml is kustomize/injector rendered, nothing else.
@@ -215,20 +218,20 @@ current-context: c
 			}
 		}
 	})
-	deadline := time.Now().Add(60 * time.Second)
 	for _, p := range procs {
-		for {
+		err := peers.WaitFor(context.Background(), 60*time.Second, func() error {
 			resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", p.health))
-			if err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == 200 {
-					break
-				}
+			if err != nil {
+				return err
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("injector on :%d not ready after 60s", p.port)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				return fmt.Errorf("readyz %d", resp.StatusCode)
 			}
-			time.Sleep(100 * time.Millisecond)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("injector on :%d not ready: %v", p.port, err)
 		}
 	}
 	created := 0
@@ -344,24 +347,25 @@ current-context: c
 		t.Fatalf("unknown annotation: %d %s", r.code, r.body)
 	}
 	// Each refused Pod: a Warning Event PodNotMutated on the injector's Pod.
-	for start := time.Now(); ; {
+	var ev obj
+	err := peers.WaitFor(context.Background(), 15*time.Second, func() error {
 		r := a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/events?fieldSelector=reason%3DPodNotMutated", nil)
 		var evs struct{ Items []obj }
 		json.Unmarshal(r.body, &evs)
-		if len(evs.Items) > 0 {
-			e := evs.Items[0]
-			if str(e, "involvedObject", "name") != "podkeeper-injector-test" || str(e, "type") != "Warning" ||
-				!strings.Contains(str(e, "message"), "inject-all/files-api-6b7c9d-") {
-				t.Fatalf("Event: %v", e)
-			}
-			t.Logf("Event %s x%v: %s", str(e, "reason"), get(e, "count"), str(e, "message"))
-			break
+		if len(evs.Items) == 0 {
+			return fmt.Errorf("no PodNotMutated Event: %d %s", r.code, r.body)
 		}
-		if time.Since(start) > 15*time.Second {
-			t.Fatalf("no PodNotMutated Event after 15s: %d %s", r.code, r.body)
-		}
-		time.Sleep(200 * time.Millisecond)
+		ev = evs.Items[0]
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
+	if str(ev, "involvedObject", "name") != "podkeeper-injector-test" || str(ev, "type") != "Warning" ||
+		!strings.Contains(str(ev, "message"), "inject-all/files-api-6b7c9d-") {
+		t.Fatalf("Event: %v", ev)
+	}
+	t.Logf("Event %s x%v: %s", str(ev, "reason"), get(ev, "count"), str(ev, "message"))
 	// 6. The Pod opts out of its namespace's injection.
 	r, out = create(pod("inject-all", obj{"podkeeper.io/inject": "false"}), true)
 	expect("opted out", r, out, nil)
@@ -425,17 +429,18 @@ current-context: c
 		defer conn.Close()
 		return conn.ConnectionState().PeerCertificates[0].Raw
 	}
-	for start := time.Now(); ; time.Sleep(200 * time.Millisecond) {
+	err = peers.WaitFor(context.Background(), 20*time.Second, func() error {
 		r = a.do(t, a.admin, "", "GET", "/api/v1/namespaces/"+ns+"/secrets/podkeeper-injector-tls", nil)
 		var cur struct{ Data map[string][]byte }
 		json.Unmarshal(r.body, &cur)
 		certs, _ := x509.ParseCertificates(pemBlock(cur.Data["tls.crt"]))
 		if len(certs) == 1 && slices.Equal(served(procs[0].port), certs[0].Raw) && slices.Equal(served(procs[1].port), certs[0].Raw) {
-			break
+			return nil
 		}
-		if time.Since(start) > 20*time.Second {
-			t.Fatalf("no replica renewed the broken certificate within 20s (or they serve different ones)")
-		}
+		return errors.New("the Secret's certificate is not the one both replicas serve yet")
+	})
+	if err != nil {
+		t.Fatalf("no replica renewed the broken certificate (or they serve different ones): %v", err)
 	}
 	renewed := 0
 	for _, p := range procs {
