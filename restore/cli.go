@@ -4,9 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 
 	"github.com/podkeeper/podkeeper/agents/config"
 	"github.com/podkeeper/podkeeper/agents/lifecycle"
+	"github.com/podkeeper/podkeeper/agents/pack"
+	"github.com/podkeeper/podkeeper/agents/snapshot"
 	"github.com/podkeeper/podkeeper/agents/store"
 )
 
@@ -23,13 +27,16 @@ func Main(args, environ []string, stdout, stderr io.Writer) int {
 			return verifyCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
 		case "conflicts":
 			return conflictsCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
+		case "pack":
+			return packCommand(args[1:], stdout).Main(&OpsConfig{}, args[1:], environ, stdout, stderr)
 		}
 	}
 	return lifecycle.Agent[*Config]{
 		Name: "restore",
 		Summary: "Init container: restores a snapshot (latest, by id or point in time) from the store onto RESTORE_DIR, " +
 			"atomically and verified.\nSubcommands: `restore list` (snapshots), `restore verify [ID] [--deep]` (objects exist with the recorded size and sha256), " +
-			"`restore conflicts` (the kept losers of write conflicts between syncers).",
+			"`restore conflicts` (the kept losers of write conflicts between syncers), " +
+			"`restore pack [--max-file-size BYTES]` (packs the small files of the latest fold now, as the syncer's compactor does after each checkpoint).",
 		Run: func(ctx context.Context, cfg *Config, deps lifecycle.Deps) error {
 			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
 				return err
@@ -151,4 +158,63 @@ func printVerify(w io.Writer, rep *VerifyReport, deep bool) error {
 	}
 	fmt.Fprintf(w, "snapshot %s: all %d files (%d bytes) OK (%s)\n", rep.Snapshot, rep.Files, rep.Bytes, how)
 	return nil
+}
+
+func packCommand(args []string, stdout io.Writer) lifecycle.Agent[*OpsConfig] {
+	return lifecycle.Agent[*OpsConfig]{
+		Name:      "restore pack",
+		Component: "restore",
+		Summary: "restore pack [--max-file-size BYTES]: copies the small files (1..BYTES, default 262144) of the latest fold that no pack " +
+			"holds into packs (PREFIX/packs/), and deletes stale packs, as the syncer's compactor does after each checkpoint. " +
+			"For a prefix written before packs existed, or one whose syncers run with SYNC_PACK_MAX_FILE_SIZE=0. Use the syncers' SYNC_PACK_MAX_FILE_SIZE.",
+		Run: func(ctx context.Context, cfg *OpsConfig, deps lifecycle.Deps) error {
+			maxSize, err := parsePackArgs(args)
+			if err != nil {
+				return err
+			}
+			if err := openStore(ctx, &cfg.Store, &deps); err != nil {
+				return err
+			}
+			m, err := Resolve(ctx, deps.Store, "latest")
+			if err != nil {
+				return err
+			}
+			rep, err := pack.Update(ctx, deps.Store, func(fn func(snapshot.File) error) error {
+				for _, f := range m.Files.All() {
+					if err := fn(f); err != nil {
+						return err
+					}
+				}
+				return nil
+			}, pack.Options{MaxFileSize: maxSize, Concurrency: cfg.Concurrency, Log: deps.Log})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "packs written: %d (%d files, %d bytes); packs deleted: %d; small files already packed: %d; small files in no pack: %d\n",
+				rep.Packs, rep.Files, rep.Bytes, rep.Deleted, rep.Covered, rep.Unpacked)
+			return nil
+		},
+	}
+}
+
+// parsePackArgs reads `restore pack [--max-file-size BYTES]`.
+func parsePackArgs(args []string) (int64, error) {
+	size := int64(pack.DefaultMaxFileSize)
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		v, ok := strings.CutPrefix(a, "--max-file-size=")
+		if !ok && a == "--max-file-size" && i+1 < len(args) {
+			v, ok = args[i+1], true
+			i++
+		}
+		if !ok {
+			return 0, fmt.Errorf("usage: restore pack [--max-file-size BYTES]; unexpected %q", a)
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 1 || n > pack.MaxFileSize {
+			return 0, fmt.Errorf("--max-file-size %q: must be between 1 and %d bytes", v, pack.MaxFileSize)
+		}
+		size = n
+	}
+	return size, nil
 }

@@ -49,6 +49,8 @@ type Config struct {
 	Verify      bool   `env:"RESTORE_VERIFY" envDefault:"true" help:"Check each downloaded file's sha256 against the snapshot (a mismatch is retried once, then fails)."`
 	StateDir    string `env:"RESTORE_STATE_DIR" defaultHelp:"RESTORE_DIR/.podkeeper" help:"State directory shared with the syncer (temp files, restored.json); must be on the same filesystem as RESTORE_DIR."`
 
+	Packs bool `env:"RESTORE_PACKS" envDefault:"true" help:"Read small files from the packs the syncer writes (packs/: many small files per object, fetched with ranged GETs; each file still checked against the snapshot's sha256, anything missing or stale fetched from data/ one by one). false = one GET per file."`
+
 	// MaxConcurrency bounds the adaptive concurrency of small-file downloads (limiter.go).
 	MaxConcurrency int `env:"RESTORE_MAX_CONCURRENCY" envDefault:"128" help:"Upper bound of parallel small-file downloads: starting at RESTORE_CONCURRENCY, restore adds downloads while the files/s grow and halves them on 503 SlowDown or timeouts (at 20 ms round trip, 16 downloads are at most 800 files/s). Never below RESTORE_CONCURRENCY; equal to it for a fixed number."`
 }

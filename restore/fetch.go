@@ -1,7 +1,6 @@
 package restore
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -11,7 +10,6 @@ import (
 	"hash"
 	"io"
 	"os"
-	"slices"
 	"sync"
 	"time"
 
@@ -80,26 +78,24 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 			small = append(small, i)
 		}
 	}
-	// Small files: one GET each, largest first (so the tail is the quickest
-	// files, not one big one alone on the wire), as many at a time as the
-	// adaptive limiter allows; the first failure cancels the others.
-	slices.SortStableFunc(small, func(a, b int32) int { return cmp.Compare(p.files.Size(int(b)), p.files.Size(int(a))) })
+	// Small files: from packs where they are, else one GET each, as many at
+	// a time as the adaptive limiter allows; the first failure cancels the
+	// others.
 	lim := adaptive.New(r.cfg.Concurrency, r.cfg.MaxConcurrency, time.Now())
-	g, gctx := errgroup.WithContext(context.WithValue(ctx, limiterKey{}, lim))
-	for _, i := range small {
-		if lim.Acquire(gctx) != nil {
-			break
+	lctx := context.WithValue(ctx, limiterKey{}, lim)
+	if r.cfg.Packs && len(small) >= minPackedFiles {
+		runs, rest := r.packRuns(lctx, p.files, small)
+		fallback, err := r.fetchRuns(lctx, lim, t, tmp, p.files, runs)
+		if err != nil {
+			return err
 		}
-		g.Go(func() error {
-			defer lim.Release()
-			if err := r.fetchFile(gctx, t, tmp, p.files.At(int(i))); err != nil {
-				return err
-			}
-			lim.Done(time.Now())
-			return nil
-		})
+		small = append(rest, fallback...)
 	}
-	if err := g.Wait(); err != nil {
+	largestFirst(p.files, small)
+	err := r.each(lctx, lim, len(small), func(ctx context.Context, k int) error {
+		return r.fetchFile(ctx, t, tmp, p.files.At(int(small[k])))
+	})
+	if err != nil {
 		return err
 	}
 	if len(small) > 0 {
@@ -136,15 +132,6 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 	if err != nil {
 		return fmt.Errorf("create temp file for %q: %w", f.Path, err)
 	}
-	placed := false
-	defer func() {
-		if !placed {
-			file.Close()
-			if name != "" {
-				unix.Unlinkat(tmp, name, 0)
-			}
-		}
-	}()
 	var sum string
 	if f.Size >= r.rangeThreshold && f.Encoding == codec.None {
 		// An encoded object is fetched whole: its ranges are not the file's.
@@ -152,12 +139,34 @@ func (r *Restorer) fetchOnce(ctx context.Context, t *tree, tmp int, f snapshot.F
 	} else {
 		sum, err = r.downloadWhole(ctx, file, f)
 	}
+	if err == nil && r.cfg.Verify && sum != f.SHA256 {
+		err = &ChangedError{Path: f.Path, Key: snapshot.DataKey(f.Path), Want: "sha256 " + f.SHA256, Got: "sha256 " + sum, VersionID: f.VersionID}
+	}
 	if err != nil {
+		discard(tmp, file, name)
 		return err
 	}
-	if r.cfg.Verify && sum != f.SHA256 {
-		return &ChangedError{Path: f.Path, Key: snapshot.DataKey(f.Path), Want: "sha256 " + f.SHA256, Got: "sha256 " + sum, VersionID: f.VersionID}
+	return r.install(t, tmp, file, name, f)
+}
+
+// discard drops a temp file that will not be placed.
+func discard(tmp int, file *os.File, name string) {
+	file.Close()
+	if name != "" {
+		unix.Unlinkat(tmp, name, 0)
 	}
+}
+
+// install gives the complete, verified temp file (named name in tmp, or
+// unnamed when name is "") f's mode and mtime, makes it durable as
+// r.Durability asks and puts it at f.Path. It always closes file.
+func (r *Restorer) install(t *tree, tmp int, file *os.File, name string, f snapshot.File) error {
+	placed := false
+	defer func() {
+		if !placed {
+			discard(tmp, file, name)
+		}
+	}()
 	if err := file.Chmod(os.FileMode(f.Mode)); err != nil {
 		return fmt.Errorf("chmod temp file of %q: %w", f.Path, err)
 	}
@@ -243,12 +252,7 @@ func tmpName() string {
 func (r *Restorer) get(ctx context.Context, f snapshot.File, opts store.GetOptions, body func(io.Reader, store.ObjectInfo) error) error {
 	key := snapshot.DataKey(f.Path)
 	opts.VersionID = f.VersionID
-	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, func(attempt int, err error, wait time.Duration) {
-		r.log.Warn("download failed, retrying", "path", f.Path, "attempt", attempt+1, "wait", wait.Round(time.Millisecond), "err", err)
-		if lim, ok := ctx.Value(limiterKey{}).(*adaptive.Limiter); ok && adaptive.IsThrottle(err) {
-			lim.Throttled(time.Now())
-		}
-	}, func(ctx context.Context) error {
+	return backoff.Retry(ctx, backoff.Default, store.IsRetryable, r.onRetry(ctx, key), func(ctx context.Context) error {
 		rc, info, err := r.st.Get(ctx, key, opts)
 		if err != nil {
 			return err

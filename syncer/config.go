@@ -4,6 +4,7 @@
 package syncer
 
 import (
+	"github.com/podkeeper/podkeeper/agents/pack"
 	"os"
 	"path"
 	"path/filepath"
@@ -44,6 +45,7 @@ type Config struct {
 	PullInterval     time.Duration `env:"SYNC_PULL_INTERVAL" envDefault:"1s" help:"Time between two looks at the change log with SYNC_PULL (one LIST of PREFIX/log/ when nothing changed)."`
 	PullMaxBytes     int64         `env:"SYNC_PULL_MAX_BYTES" envDefault:"0" help:"With SYNC_PULL, stop pulling new files once the files this replica holds (its own and pulled ones, as the change log knows them) would pass this many bytes; uploading goes on (0 = no limit)."`
 	Compress         string        `env:"SYNC_COMPRESS" envDefault:"off" enum:"off|zstd|gzip" help:"Store files encoded with zstd or gzip (gzip objects get Content-Encoding: gzip, zstd ones Content-Encoding: zstd). Files below 16 MiB only; already compressed types (by extension or magic bytes) and files whose first 64 KiB or whole content saves less than 10 % are stored as they are. The manifest and the object's metadata record the encoding; restore decodes."`
+	PackMaxFileSize  int64         `env:"SYNC_PACK_MAX_FILE_SIZE" envDefault:"262144" help:"After each checkpoint, the compactor copies the files of 1..this many bytes that no pack holds yet into packs (PREFIX/packs/, 8 MiB objects) that restore reads with ranged GETs: a restore of many small files costs a few dozen GETs instead of one per file. Packs are a copy, never the source of truth (restore checks every file against the snapshot's sha256 and falls back to data/); packs mostly stale are rewritten. 0 = no packs. At most 16777216."`
 	StateDir         string        `env:"SYNC_STATE_DIR" defaultHelp:"SYNC_DIR/.podkeeper" help:"Directory for the syncer's state (multipart journals); never uploaded."`
 	HTTPAddr         string        `env:"SYNC_HTTP_ADDR" envDefault:":8081" help:"Listen address of /healthz, /readyz and /metrics (off = disabled)."`
 	AllowMassDelete  bool          `env:"SYNC_ALLOW_MASS_DELETE" envDefault:"false" help:"Record deletions even when more than half of the files this syncer had are gone (otherwise they are held back as a likely unmounted or wiped volume)."`
@@ -124,6 +126,9 @@ func (c *Config) validateFleet(env config.Env, errs *config.Error) {
 	}
 	if !errs.Has("SYNC_PULL_MAX_BYTES") && c.PullMaxBytes < 0 {
 		errs.Add("SYNC_PULL_MAX_BYTES", env.Get("SYNC_PULL_MAX_BYTES"), "must be 0 (no limit) or a positive number of bytes")
+	}
+	if !errs.Has("SYNC_PACK_MAX_FILE_SIZE") && (c.PackMaxFileSize < 0 || c.PackMaxFileSize > pack.MaxFileSize) {
+		errs.Add("SYNC_PACK_MAX_FILE_SIZE", env.Get("SYNC_PACK_MAX_FILE_SIZE"), "must be between 0 (no packs) and %d bytes", pack.MaxFileSize)
 	}
 	if !errs.Has("SYNC_POLL_INTERVAL") && (c.PollInterval < 100*time.Millisecond || c.PollInterval > time.Hour) {
 		errs.Add("SYNC_POLL_INTERVAL", env.Get("SYNC_POLL_INTERVAL"), "must be between 100ms and 1h")

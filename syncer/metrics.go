@@ -32,6 +32,9 @@ type metrics struct {
 	massDelete    prometheus.Gauge
 	concurrency   prometheus.Gauge
 	pull          pullMetrics
+	packFiles     prometheus.Counter
+	packsDeleted  prometheus.Counter
+	unpacked      prometheus.Gauge
 }
 
 // pullMetrics are SYNC_PULL's: how far behind the log this replica is and
@@ -57,6 +60,9 @@ func newMetrics(h *health.Server) *metrics {
 	m := &metrics{
 		uploads:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("uploads_total"), Help: "Uploads by result (ok, error, changed = the file changed during the upload and goes again)."}, []string{"result"}),
 		bytes:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: h.Name("upload_bytes_total"), Help: "Bytes of finished uploads by result."}, []string{"result"}),
+		packFiles:     c("pack_files_total", "Files the compactor copied into packs (SYNC_PACK_MAX_FILE_SIZE)."),
+		packsDeleted:  c("packs_deleted_total", "Packs the compactor deleted: mostly stale (rewritten), without a live file, or left without an index."),
+		unpacked:      g("unpacked_files", "Small files of the newest checkpoint in no pack after the last pack run (restore fetches them one by one)."),
 		retries:       c("upload_retries_total", "Upload attempts that failed with a transient error and were retried."),
 		parts:         c("multipart_parts_total", "Multipart parts uploaded (parts reused after a restart are not counted)."),
 		skipped:       c("skipped_too_large_total", "Files not uploaded because they exceed SYNC_MAX_FILE_SIZE."),

@@ -139,6 +139,9 @@ func bstr(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
 // Size is the size of the i-th file.
 func (x *Index) Size(i int) int64 { return int64(x.rec(i).sm & (1<<modeShift - 1)) }
 
+// SHA256 is the sha256 of the i-th file, without materializing it.
+func (x *Index) SHA256(i int) [32]byte { return x.rec(i).sha }
+
 // At is the i-th file in path order.
 func (x *Index) At(i int) File {
 	r := x.rec(i)
