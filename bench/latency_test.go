@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -104,6 +105,10 @@ func TestBenchLatency(t *testing.T) {
 		if skip != "restore" {
 			t.Logf("%s: uploading %d x 4 KiB ...", kind, n)
 			restorePut(t, srv.Client(), "lat", files, 32)
+			// Packs as the syncer's compactor writes them after a checkpoint
+			// (`restore pack` is the same code, agents/pack.Update).
+			d := latPack(t, restoreBin, srv, "lat")
+			fmt.Fprintf(&out, "%s: `restore pack` of %d files (the compactor's work, no delay proxy): %.2f s\n\n", kind, n, d.Seconds())
 		}
 		for _, ms := range latEnvList("BENCH_LAT_RTT_MS", "0,20") {
 			rttMS, err := strconv.Atoi(strings.TrimSpace(ms))
@@ -122,11 +127,14 @@ func TestBenchLatency(t *testing.T) {
 			var rRestore, rR16, rR64, rSync, rS16, rS64 *latRow
 			if skip != "restore" {
 				cs := "restore"
-				rRestore = add(cs, "restore (defaults: RESTORE_CONCURRENCY=16, RESTORE_MAX_CONCURRENCY=128)", func(int) (time.Duration, int64) {
+				rRestore = add(cs, "restore (defaults: packs, RESTORE_CONCURRENCY=16, RESTORE_MAX_CONCURRENCY=128)", func(int) (time.Duration, int64) {
 					return latRestore(t, restoreBin, srv, ep)
 				})
-				add(cs, "restore, RESTORE_MAX_CONCURRENCY=16 (fixed 16, as before)", func(int) (time.Duration, int64) {
-					return latRestore(t, restoreBin, srv, ep, "RESTORE_MAX_CONCURRENCY=16")
+				add(cs, "restore, RESTORE_PACKS=false (one GET per file)", func(int) (time.Duration, int64) {
+					return latRestore(t, restoreBin, srv, ep, "RESTORE_PACKS=false")
+				})
+				add(cs, "restore, RESTORE_PACKS=false RESTORE_MAX_CONCURRENCY=16 (fixed 16, one GET per file)", func(int) (time.Duration, int64) {
+					return latRestore(t, restoreBin, srv, ep, "RESTORE_PACKS=false", "RESTORE_MAX_CONCURRENCY=16")
 				})
 				if baseRestore != "" {
 					add(cs, "restore, baseline binary (BENCH_BASELINE_BIN_DIR)", func(int) (time.Duration, int64) {
@@ -227,6 +235,21 @@ func latRestore(t *testing.T, bin string, srv *peers.S3Server, ep string, extra 
 	defer os.RemoveAll(dir)
 	s := restoreRunBin(t, bin, srv, "lat", dir, append([]string{"S3_ENDPOINT=" + ep}, extra...)...)
 	return s.d, s.rss
+}
+
+// latPack runs `restore pack` on prefix (straight to the server) and
+// returns how long it took.
+func latPack(t *testing.T, bin string, srv *peers.S3Server, prefix string) time.Duration {
+	t.Helper()
+	cmd := exec.Command(bin, "pack")
+	cmd.Env = append(srv.AgentEnv(prefix), "LOG_LEVEL=warn", "PATH="+os.Getenv("PATH"))
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("restore pack: %v\n%s", err, out)
+	}
+	t.Logf("restore pack: %s", strings.TrimSpace(string(out)))
+	return time.Since(start)
 }
 
 // latRclone copies src to dst (a local directory when empty) through ep and,

@@ -105,8 +105,13 @@ func List(ctx context.Context, st store.Store) ([]Info, error) {
 			return nil, fmt.Errorf("list %s: %w", Dir, err)
 		}
 		name := strings.TrimPrefix(o.Key, Dir)
-		id, kind, ok := strings.Cut(name, ".")
-		if !ok || (kind != "pack" && kind != "idx") || snapshot.ValidateID(id) != nil {
+		kind := "idx"
+		id, ok := strings.CutSuffix(name, ".idx")
+		if !ok {
+			kind = "pack"
+			id, ok = strings.CutSuffix(name, ".pack")
+		}
+		if !ok || snapshot.ValidateID(id) != nil {
 			continue
 		}
 		i, seen := at[id]

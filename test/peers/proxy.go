@@ -18,6 +18,7 @@ type CountingProxy struct {
 
 	mu     sync.Mutex
 	counts map[string]int
+	paths  map[string]int // Classify(r) + " " + the path after the bucket
 	// Fail, when set, answers matching requests itself (fault injection).
 	fail func(r *http.Request) (status int, ok bool)
 }
@@ -29,11 +30,14 @@ func NewCountingProxy(t testing.TB, target string) *CountingProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &CountingProxy{counts: map[string]int{}}
+	p := &CountingProxy{counts: map[string]int{}, paths: map[string]int{}}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.mu.Lock()
 		p.counts[Classify(r)]++
+		if _, rest, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/"); ok {
+			p.paths[Classify(r)+" "+rest]++
+		}
 		fail := p.fail
 		p.mu.Unlock()
 		if fail != nil {
@@ -73,6 +77,20 @@ func (p *CountingProxy) Count(kind string) int {
 	return p.counts[kind]
 }
 
+// CountUnder returns how many requests of kind passed for keys (bucket
+// excluded) that start with prefix.
+func (p *CountingProxy) CountUnder(kind, prefix string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for k, v := range p.paths {
+		if strings.HasPrefix(k, kind+" "+prefix) {
+			n += v
+		}
+	}
+	return n
+}
+
 // Counts returns a copy of all counters.
 func (p *CountingProxy) Counts() map[string]int {
 	p.mu.Lock()
@@ -87,7 +105,7 @@ func (p *CountingProxy) Counts() map[string]int {
 // Reset zeroes the counters.
 func (p *CountingProxy) Reset() {
 	p.mu.Lock()
-	p.counts = map[string]int{}
+	p.counts, p.paths = map[string]int{}, map[string]int{}
 	p.mu.Unlock()
 }
 
