@@ -93,7 +93,8 @@ func newMetrics(h *health.Server) *metrics {
 	}
 	h.Registry.MustRegister(m.pull.files, m.pull.bytes, m.pull.deletions, m.pull.conflicts, m.pull.errors, m.pull.looks, m.pull.lag, m.pull.limited)
 	h.Registry.MustRegister(m.uploads, m.bytes, m.retries, m.parts, m.skipped, m.rescans, m.snapshots, m.deleted,
-		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete, m.concurrency)
+		m.leaseRenewals, m.batches, m.deletions, m.conflicts, m.queue, m.queueBytes, m.oldest, m.lastSnapshot, m.watches, m.massDelete, m.concurrency,
+		m.packFiles, m.packsDeleted, m.unpacked)
 	for _, r := range []string{"ok", "error", "changed"} {
 		m.uploads.WithLabelValues(r)
 	}
