@@ -33,8 +33,9 @@ test: peers lint ## unit + integration tests on the real peers (the README's tes
 unit: ## only what needs no peer (fast inner loop)
 	$(GO) test -count=1 -short ./...
 
-fuzz: ## the snapshot decoder fuzz target, for a short fixed time
+fuzz: ## the snapshot decoder and pack index fuzz targets, for a short fixed time each
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./agents/snapshot/
+	$(GO) test -run '^$$' -fuzz '^FuzzIndex$$' -fuzztime $(FUZZTIME) ./agents/pack/
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
