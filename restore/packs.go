@@ -40,6 +40,11 @@ const (
 	maxGap = 64 << 10
 	// indexReads is how many pack indexes are read at a time.
 	indexReads = 16
+	// runAttempts bounds the tries of one run: a pack shorter than its
+	// index says looks like a body cut short, which is transient for a
+	// data object but not here. After that the files come from data/, whose
+	// GETs retry through an outage for as long as it lasts.
+	runAttempts = 4
 )
 
 // packRun is one ranged GET of a pack: bytes start..end, holding files.
@@ -77,7 +82,6 @@ func (r *Restorer) packRuns(ctx context.Context, files *snapshot.Index, small []
 		}
 	}
 	found := make([][]packed, len(ids))
-	sizes := make([]int64, len(ids))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(indexReads)
 	for k, id := range ids {
@@ -91,7 +95,6 @@ func (r *Restorer) packRuns(ctx context.Context, files *snapshot.Index, small []
 					return nil
 				}
 				found[k] = append(found[k], packed{i: int32(i), off: e.Offset})
-				sizes[k] += e.Size
 				return nil
 			})
 			if err != nil && ctx.Err() == nil {
@@ -166,7 +169,11 @@ func (r *Restorer) fetchRuns(ctx context.Context, lim *adaptive.Limiter, t *tree
 func (r *Restorer) fetchRun(ctx context.Context, t *tree, tmp int, files *snapshot.Index, run packRun) (fallback []int32, err error) {
 	pending := run.files
 	key := pack.Key(run.id)
+	attempts := 0
 	err = backoff.Retry(ctx, backoff.Default, store.IsRetryable, r.onRetry(ctx, key), func(ctx context.Context) error {
+		if attempts++; attempts > runAttempts {
+			return &store.Error{Op: "get", Key: key, Err: fmt.Errorf("gave up after %d attempts", runAttempts)}
+		}
 		start := pending[0].off
 		rc, _, err := r.st.Get(ctx, key, store.GetOptions{Offset: start, Length: run.end - start})
 		if err != nil {

@@ -194,6 +194,18 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		putBytes(t, tg, pack.Key(id), orig)
 	})
 
+	t.Run("pack-object-truncated", func(t *testing.T) {
+		// Shorter than its index says: the runs past the end give up after a
+		// few tries and their files come from data/.
+		putBytes(t, tg, pack.Key(id), orig[:len(orig)/2])
+		dir := t.TempDir()
+		if _, _, err := tg.run(t, dir); err != nil {
+			t.Fatal(err)
+		}
+		assertTree(t, dir, changed)
+		putBytes(t, tg, pack.Key(id), orig)
+	})
+
 	t.Run("hostile-index", func(t *testing.T) {
 		// An index pointing outside the pack, at another path, or at "..":
 		// refused as a whole, and the restore goes on from data/.
