@@ -89,6 +89,10 @@ func (r *Restorer) fetchAll(ctx context.Context, t *tree, tmp int, p *plan) erro
 		if err != nil {
 			return err
 		}
+		if len(runs) > 0 {
+			r.log.Info("small files from packs", "files", len(small)-len(rest)-len(fallback), "ranged_gets", len(runs),
+				"pack_entries_refused", len(fallback), "files_not_in_packs", len(rest))
+		}
 		small = append(rest, fallback...)
 	}
 	largestFirst(p.files, small)

@@ -127,7 +127,7 @@ func (c *compactor) pack(ctx context.Context, id string) error {
 	c.m.unpacked.Set(float64(rep.Unpacked))
 	if rep.Packs > 0 || rep.Deleted > 0 {
 		c.log.Info("packs updated", "checkpoint", id, "packs_written", rep.Packs, "files", rep.Files, "bytes", rep.Bytes,
-			"packs_deleted", rep.Deleted, "already_packed", rep.Covered, "unpacked", rep.Unpacked, "took", c.now().Sub(start).Round(time.Millisecond))
+			"packs_deleted", rep.Deleted, "already_packed", rep.Covered, "unpacked", rep.Unpacked, "took", c.now().Sub(start).Round(time.Millisecond).String())
 	}
 	return nil
 }
