@@ -79,49 +79,39 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 	if out := packCLI(t, tg); !strings.Contains(out, "packs written: 0") || !strings.Contains(out, "already packed: 400") {
 		t.Fatalf("second restore pack: %s", out)
 	}
-	reset := func() {
+	// restoreCheck restores into a new directory, checks the tree against
+	// want and, behind the proxy, that exactly wantGETs whole-object GETs of
+	// data/ were made (-1: any number); it returns the directory.
+	restoreCheck := func(t *testing.T, want map[string]entry, wantGETs int, kv ...string) string {
+		t.Helper()
+		dir := t.TempDir()
 		if proxy != nil {
 			proxy.Reset()
 		}
-	}
-	dataGETs := func() int {
-		if proxy == nil {
-			return -1
+		if _, _, err := tg.run(t, dir, kv...); err != nil {
+			t.Fatal(err)
 		}
-		return proxy.CountUnder("GET", "packs/data/")
+		assertTree(t, dir, want)
+		if proxy != nil && wantGETs >= 0 {
+			if got := proxy.CountUnder("GET", "packs/data/"); got != wantGETs {
+				t.Errorf("%d whole-object GETs of data/, want %d: %v", got, wantGETs, proxy.Counts())
+			}
+		}
+		return dir
 	}
 
 	t.Run("from-packs", func(t *testing.T) {
-		dir := t.TempDir()
-		reset()
-		if _, _, err := tg.run(t, dir); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, files)
+		// big.bin and the empty file alone come from data/; 400 files of
+		// ~3 KiB are 1.2 MiB of pack: a handful of 1 MiB runs.
+		dir := restoreCheck(t, files, 2)
 		assertNoTemp(t, filepath.Join(dir, StateDirName))
 		if proxy != nil {
-			// big.bin and the empty file alone come from data/; 400 files of
-			// ~3 KiB are 1.2 MiB of pack: a handful of 1 MiB runs.
-			if got := dataGETs(); got != 2 {
-				t.Errorf("%d whole-object GETs of data/, want 2 (big.bin, empty): %v", got, proxy.Counts())
-			}
 			if got := proxy.CountUnder("GET-range", "packs/packs/"); got < 1 || got > 6 {
 				t.Errorf("%d ranged GETs of packs, want 1..6", got)
 			}
 		}
 	})
-
-	t.Run("packs-off", func(t *testing.T) {
-		dir := t.TempDir()
-		reset()
-		if _, _, err := tg.run(t, dir, "RESTORE_PACKS", "false"); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, files)
-		if proxy != nil && dataGETs() != 402 {
-			t.Errorf("%d data GETs with RESTORE_PACKS=false, want 402", dataGETs())
-		}
-	})
+	t.Run("packs-off", func(t *testing.T) { restoreCheck(t, files, 402, "RESTORE_PACKS", "false") })
 
 	// Ten files change: their pack entries are stale and they come from data/.
 	changed := map[string]entry{}
@@ -133,17 +123,8 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		changed[p] = entry{data: []byte("changed " + p), mode: 0o600, mtime: baseTime}
 	}
 	tg.putSnapshot(t, baseTime.Add(1e9), changed)
-	t.Run("stale-entries", func(t *testing.T) {
-		dir := t.TempDir()
-		reset()
-		if _, _, err := tg.run(t, dir); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, changed)
-		if proxy != nil && dataGETs() != 12 {
-			t.Errorf("%d data GETs, want 12 (10 changed, big.bin, empty)", dataGETs())
-		}
-	})
+	// 10 changed, big.bin and the empty file from data/.
+	t.Run("stale-entries", func(t *testing.T) { restoreCheck(t, changed, 12) })
 
 	infos, err := pack.List(ctx, tg.st)
 	if err != nil || len(infos) != 1 || !infos[0].Indexed || !infos[0].Packed {
@@ -182,15 +163,7 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		if err := tg.st.Delete(ctx, pack.Key(id)); err != nil {
 			t.Fatal(err)
 		}
-		dir := t.TempDir()
-		reset()
-		if _, _, err := tg.run(t, dir); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, changed)
-		if proxy != nil && dataGETs() != 402 {
-			t.Errorf("%d data GETs with the pack gone, want 402", dataGETs())
-		}
+		restoreCheck(t, changed, 402)
 		putBytes(t, tg, pack.Key(id), orig)
 	})
 
@@ -198,11 +171,7 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		// Shorter than its index says: the runs past the end give up after a
 		// few tries and their files come from data/.
 		putBytes(t, tg, pack.Key(id), orig[:len(orig)/2])
-		dir := t.TempDir()
-		if _, _, err := tg.run(t, dir); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, changed)
+		restoreCheck(t, changed, -1)
 		putBytes(t, tg, pack.Key(id), orig)
 	})
 
@@ -218,11 +187,7 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 			putBytes(t, tg, pack.Key(hid), orig)
 			putBytes(t, tg, pack.IndexKey(hid), gzipLines(t, append([]string{
 				fmt.Sprintf(`{"format":"podkeeper.pack.v1","id":%q,"created":"2026-01-01T00:00:00Z","size":%d,"files":1}`, hid, len(orig))}, lines...)))
-			dir := t.TempDir()
-			if _, _, err := tg.run(t, dir); err != nil {
-				t.Fatal(err)
-			}
-			assertTree(t, dir, changed)
+			restoreCheck(t, changed, 12) // the good pack still serves
 			if err := pack.Delete(ctx, tg.st, hid); err != nil {
 				t.Fatal(err)
 			}
@@ -251,15 +216,7 @@ func testPacks(t *testing.T, tg *target, proxy *peers.CountingProxy) {
 		if err != nil || len(infos) != 1 || infos[0].ID == id {
 			t.Fatalf("packs after the rewrite: %+v %v", infos, err)
 		}
-		dir := t.TempDir()
-		reset()
-		if _, _, err := tg.run(t, dir); err != nil {
-			t.Fatal(err)
-		}
-		assertTree(t, dir, many)
-		if proxy != nil && dataGETs() != 2 {
-			t.Errorf("%d data GETs after the rewrite, want 2", dataGETs())
-		}
+		restoreCheck(t, many, 2)
 	})
 }
 
