@@ -161,6 +161,11 @@ func TestBenchLatency(t *testing.T) {
 				rSync = add(cs, "syncer (SYNC_SETTLE=0; defaults SYNC_CONCURRENCY=16, SYNC_MAX_CONCURRENCY=128)", func(round int) (time.Duration, int64) {
 					return syncerBackfillAt(t, syncerBin, srv, ep, pfx("syncer", round), srcDir, n)
 				})
+				// What agents/lifecycle sets under a 53 MiB container limit:
+				// the peak RSS without a limit is mostly the GC's slack.
+				add(cs, "syncer, GOMEMLIMIT=48MiB", func(round int) (time.Duration, int64) {
+					return syncerBackfillAt(t, syncerBin, srv, ep, pfx("syncer-memlimit", round), srcDir, n, "GOMEMLIMIT=48MiB")
+				})
 				rS16 = add(cs, "rclone copy --transfers 16", func(round int) (time.Duration, int64) {
 					return latRclone(t, ep, srcDir, "bench:"+peers.Bucket+"/"+pfx("rclone16", round)+"/data", 16, 0)
 				})

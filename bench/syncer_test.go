@@ -233,10 +233,10 @@ func syncerBackfill(t *testing.T, bin string, srv *peers.S3Server, prefix, dir s
 }
 
 // syncerBackfillAt is syncerBackfill through endpoint (e.g. a proxy).
-func syncerBackfillAt(t *testing.T, bin string, srv *peers.S3Server, endpoint, prefix, dir string, n int) (time.Duration, int64) {
+func syncerBackfillAt(t *testing.T, bin string, srv *peers.S3Server, endpoint, prefix, dir string, n int, extra ...string) (time.Duration, int64) {
 	t.Helper()
 	start := time.Now()
-	p := syncerStart(t, bin, srv, endpoint, prefix, dir, "SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16")
+	p := syncerStart(t, bin, srv, endpoint, prefix, dir, append([]string{"SYNC_SETTLE=0s", "SYNC_CONCURRENCY=16"}, extra...)...)
 	err := peers.WaitFor(context.Background(), 10*time.Minute, func() error {
 		if v := p.metric(`podkeeper_syncer_uploads_total{result="ok"}`); v < float64(n) {
 			return fmt.Errorf("%v of %d uploaded", v, n)

@@ -85,6 +85,13 @@ func TestMainExitCodesAndSubcommands(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "BAD  d/b.txt") {
 		t.Errorf("verify after damage: exit %d\n%s", code, out)
 	}
+	// restore pack: its arguments are checked before the store is opened
+	// (exit 1, as restore verify's).
+	for _, args := range [][]string{{"pack", "--max-file-size", "0"}, {"pack", "--max-file-size=x"}, {"pack", "extra"}} {
+		if code, _, stderr := runMain(t, env, args...); code != 1 || !strings.Contains(stderr, "max-file-size") {
+			t.Errorf("%q: exit %d %s", args, code, stderr)
+		}
+	}
 	// A restore of the damaged object fails with exit 1 and names the file.
 	os.Remove(filepath.Join(dir, "d/b.txt"))
 	code, _, stderr = runMain(t, env)

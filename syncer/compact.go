@@ -109,10 +109,9 @@ func (c *compactor) pack(ctx context.Context, id string) error {
 	if c.cfg.PackMaxFileSize <= 0 {
 		return nil
 	}
-	info, err := snapshot.Resolve(ctx, c.st, id)
-	if err != nil {
-		return err
-	}
+	// Checkpoints are always stored gzipped under their id (snapshot.WriteCompact,
+	// PutEncoded): no listing needed to find the one just written.
+	info := snapshot.Info{ID: id, Key: snapshot.Key(id, true)}
 	ctx, cancel := context.WithTimeout(ctx, packRunTime)
 	defer cancel()
 	start := c.now()

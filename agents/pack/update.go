@@ -377,27 +377,15 @@ func fetchOnce(ctx context.Context, st store.Store, f snapshot.File) ([]byte, er
 		return nil, changedError{err.Error()}
 	}
 	defer dec.Close()
-	b := make([]byte, 0, f.Size+1)
-	h := sha256.New()
-	for len(b) <= int(f.Size) {
-		n, rerr := dec.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
-			var ie *codec.InvalidError
-			if errors.As(rerr, &ie) {
-				return nil, changedError{rerr.Error()}
-			}
-			return nil, &store.Error{Op: "get", Key: key, Err: rerr, Retryable: true}
-		}
-		if len(b) == cap(b) {
-			break
-		}
+	b, err := io.ReadAll(io.LimitReader(dec, f.Size+1))
+	var ie *codec.InvalidError
+	switch {
+	case errors.As(err, &ie):
+		return nil, changedError{err.Error()}
+	case err != nil:
+		return nil, &store.Error{Op: "get", Key: key, Err: err, Retryable: true}
 	}
-	h.Write(b)
-	if int64(len(b)) != f.Size || hex.EncodeToString(h.Sum(nil)) != f.SHA256 {
+	if sum := sha256.Sum256(b); int64(len(b)) != f.Size || hex.EncodeToString(sum[:]) != f.SHA256 {
 		return nil, changedError{fmt.Sprintf("%d bytes with another sha256 than the snapshot's %d", len(b), f.Size)}
 	}
 	return b, nil
